@@ -1,0 +1,1 @@
+"""Triton kernels of teacache_fast, one self-contained file per op."""

@@ -1,0 +1,113 @@
+"""Backend registry: which implementation runs an op for a given tensor.
+
+Order for CUDA tensors is cuda -> triton -> torch; CPU tensors use torch.
+``TEACACHE_FAST_BACKEND=auto|cuda|triton|torch`` (read on every call) or
+:func:`use_backend` forces one. A forced backend that cannot run raises
+:class:`BackendUnavailableError` with the reason; it never falls back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from types import ModuleType
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+_CHOICES = ("auto",) + BACKENDS
+_ENV = "TEACACHE_FAST_BACKEND"
+
+_override = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run on this machine or for this tensor."""
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    """None when the Triton backend can run on ``device``, else why not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({exc.__class__.__name__}: {exc})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return ("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before triton is first imported")
+    return f"triton does not support device type {device.type!r}"
+
+
+def _cuda_reason(device: torch.device) -> str | None:
+    """None when the compiled CUDA extension can run on ``device``, else why not."""
+    try:
+        importlib.import_module("teacache_fast._C")
+    except ImportError as exc:
+        return f"CUDA extension teacache_fast._C is not built ({exc})"
+    if device.type != "cuda":
+        return f"the CUDA backend needs CUDA tensors, got a tensor on {device}"
+    return None
+
+
+def unavailable_reason(name: str, device: torch.device | str) -> str | None:
+    """None when backend ``name`` can run ops on ``device``, else a reason."""
+    device = torch.device(device)
+    if name == "torch":
+        return None
+    if name == "triton":
+        return _triton_reason(device)
+    if name == "cuda":
+        return _cuda_reason(device)
+    raise ValueError(f"unknown backend {name!r}; expected one of {_CHOICES}")
+
+
+def requested_backend() -> str:
+    """The forced backend ('auto' when none): use_backend() beats the env var."""
+    name = getattr(_override, "name", None) or os.environ.get(_ENV, "auto") or "auto"
+    name = name.strip().lower()
+    if name not in _CHOICES:
+        raise ValueError(f"{_ENV}={name!r} is not a backend; expected one of {_CHOICES}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend for the ops called inside the block (this thread only)."""
+    if name not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
+    previous = getattr(_override, "name", None)
+    _override.name = name
+    try:
+        yield
+    finally:
+        _override.name = previous
+
+
+def backend_for(tensor: torch.Tensor) -> str:
+    """Name of the backend that runs an op whose main input is ``tensor``."""
+    device = tensor.device
+    forced = requested_backend()
+    if forced != "auto":
+        reason = unavailable_reason(forced, device)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"backend {forced!r} was forced (via {_ENV} or use_backend) but cannot run: {reason}")
+        return forced
+    if device.type != "cuda":
+        return "torch"
+    for name in BACKENDS:
+        if unavailable_reason(name, device) is None:
+            return name
+    return "torch"
+
+
+def get_backend(name: str) -> ModuleType:
+    """The module implementing backend ``name`` (imported on first use)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return importlib.import_module(f"teacache_fast.backends.{name}")

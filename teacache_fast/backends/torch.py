@@ -1,0 +1,150 @@
+"""Pure-torch backend: the readable reference, the CPU path and the test oracle.
+
+Every function receives arguments already checked and reshaped by
+``teacache_fast.ops``:
+
+* ``x``/``prev``: contiguous ``(B, R, C)``; ``scale``/``shift``: contiguous
+  ``(B or 1, C)`` or None; ``cur``/``prev`` of rel_l1_partials: ``(B, L)``.
+* Arithmetic is fp32. Reductions run over fixed row chunks whose fp32 partial
+  sums are added in a fixed order, so results are bitwise reproducible, and the
+  chunks keep temporaries small (the allocator reuses them instead of paging in
+  fresh multi-MB buffers every call, which is what makes the eager chain slow).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+# Elements processed per chunk: big enough to amortise op dispatch, small enough
+# that fp32 temporaries (~1 MiB each) stay in cache.
+_CHUNK_ELEMS = 1 << 18
+
+
+def _rows_per_chunk(width: int) -> int:
+    return max(1, _CHUNK_ELEMS // max(1, width))
+
+
+def _normalize(x32: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    if norm == "layer":
+        mean = x32.mean(dim=-1, keepdim=True)
+        centered = x32 - mean
+        var = centered.square().mean(dim=-1, keepdim=True)
+        return centered * torch.rsqrt(var + eps)
+    if norm == "rms":
+        return x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + eps)
+    return x32
+
+
+def _modulate_chunk(x: torch.Tensor, scale1p: torch.Tensor | None, shift: torch.Tensor | None,
+                    norm: str, eps: float) -> torch.Tensor:
+    """fp32 ``norm(x) * (1 + scale) + shift`` of a (rows, C) chunk of one sample."""
+    m = _normalize(x.float(), norm, eps)
+    if scale1p is not None:
+        m = m * scale1p
+    if shift is not None:
+        m = m + shift
+    return m
+
+
+def _sample_params(scale, shift, b):
+    """fp32 (1 + scale[b]) and shift[b] rows, broadcasting a batch of 1."""
+    s = None if scale is None else 1.0 + scale[b if scale.shape[0] > 1 else 0].float()
+    t = None if shift is None else shift[b if shift.shape[0] > 1 else 0].float()
+    return s, t
+
+
+def modulate(x, scale, shift, norm: str, eps: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    B, R, C = x.shape
+    step = _rows_per_chunk(C)
+    for b in range(B):
+        s, t = _sample_params(scale, shift, b)
+        for r0 in range(0, R, step):
+            out[b, r0:r0 + step] = _modulate_chunk(x[b, r0:r0 + step], s, t, norm, eps)
+    return out
+
+
+def _finish(chunk_sums: list[torch.Tensor], per_sample: bool, B: int, device) -> torch.Tensor:
+    """Stack per-chunk (2,) partials and add them in a fixed order."""
+    if not chunk_sums:
+        return torch.zeros((B, 2) if per_sample else (2,), dtype=torch.float32, device=device)
+    stacked = torch.stack(chunk_sums)  # (B * chunks, 2), sample-major
+    if per_sample:
+        return stacked.view(B, -1, 2).sum(dim=1)
+    return stacked.sum(dim=0)
+
+
+def rel_l1_partials(cur, prev, per_sample: bool) -> torch.Tensor:
+    B, L = cur.shape
+    step = _CHUNK_ELEMS
+    sums = []
+    for b in range(B):
+        for i in range(0, L, step):
+            c = cur[b, i:i + step].float()
+            p = prev[b, i:i + step].float()
+            sums.append(torch.stack(((c - p).abs().sum(), p.abs().sum())))
+    return _finish(sums, per_sample, B, cur.device)
+
+
+def modulated_rel_l1_(x, scale, shift, prev, norm: str, eps: float, per_sample: bool) -> torch.Tensor:
+    B, R, C = x.shape
+    step = _rows_per_chunk(C)
+    sums = []
+    for b in range(B):
+        s, t = _sample_params(scale, shift, b)
+        for r0 in range(0, R, step):
+            m = _modulate_chunk(x[b, r0:r0 + step], s, t, norm, eps)
+            # The indicator compares prev with m rounded to the storage dtype, so
+            # every backend reads back exactly what it wrote.
+            m = m.to(prev.dtype)
+            p_slice = prev[b, r0:r0 + step]
+            p = p_slice.float()
+            sums.append(torch.stack(((m.float() - p).abs().sum(), p.abs().sum())))
+            p_slice.copy_(m)
+    return _finish(sums, per_sample, B, x.device)
+
+
+def poly_eval(coefficients: Sequence[float], r: torch.Tensor) -> torch.Tensor:
+    """Horner evaluation, highest power first (numpy.poly1d order), in fp32."""
+    acc = torch.zeros_like(r)
+    for c in coefficients:
+        acc = acc * r + c
+    return acc
+
+
+def teacache_decide_(partials, state, coefficients, threshold: float, force, max_skips: int) -> torch.Tensor:
+    """Steps 3-4 of the algorithm for S independent states (see ops.teacache_decide_)."""
+    num, den = partials[:, 0], partials[:, 1]
+    acc, skips = state[:, 0], state[:, 1]
+    rel = num / den
+    valid = torch.isfinite(num) & torch.isfinite(den) & (den != 0) & torch.isfinite(rel)
+    new_acc = acc + poly_eval(coefficients, torch.where(valid, rel, torch.zeros_like(rel)))
+    compute = force | ~valid | ~torch.isfinite(new_acc) | (new_acc >= threshold)
+    if threshold <= 0.0:  # threshold 0 disables skipping, whatever the sign of poly
+        compute = torch.ones_like(compute)
+    if max_skips >= 0:
+        compute = compute | (skips >= max_skips)
+    state[:, 0] = torch.where(compute, torch.zeros_like(new_acc), new_acc)
+    state[:, 1] = torch.where(compute, torch.zeros_like(skips), skips + 1)
+    return compute
+
+
+def residual_capture_(out, inp, residual) -> None:
+    L = out.numel()
+    step = _CHUNK_ELEMS
+    for i in range(0, L, step):
+        residual[i:i + step] = (out[i:i + step].float() - inp[i:i + step].float())
+
+
+def residual_apply_(hidden, residual, mask) -> None:
+    B, L = hidden.shape
+    step = _CHUNK_ELEMS
+    for b in range(B):
+        for i in range(0, L, step):
+            h = hidden[b, i:i + step]
+            h32 = h.float()
+            new = h32 + residual[b, i:i + step].float()
+            if mask is not None:  # torch.where keeps the mask on the device: no host sync
+                new = torch.where(mask[b], new, h32)
+            h.copy_(new)

@@ -1,0 +1,68 @@
+"""``teacache-fast info``: versions and which backends can run here, and why not."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+
+HELP = "print versions and the backends available on this machine (and why the others are not)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def backend_report() -> dict[str, str]:
+    """One line per backend: 'available on ...' or the reason it cannot run."""
+    import torch
+
+    from .backends import BACKENDS, unavailable_reason
+
+    cuda_device = torch.cuda.is_available()
+    report = {}
+    for name in BACKENDS:
+        if name == "cuda":
+            try:
+                importlib.import_module("teacache_fast._C")
+            except ImportError as exc:
+                report[name] = f"not built ({exc}); see README 'CUDA extension'"
+                continue
+            report[name] = (f"built, available on {torch.cuda.get_device_name()}" if cuda_device
+                            else "built, no CUDA device")
+            continue
+        if name == "triton":
+            reason_gpu = unavailable_reason("triton", "cuda")
+            if reason_gpu is not None:
+                report[name] = reason_gpu
+            elif cuda_device:
+                report[name] = f"available on {torch.cuda.get_device_name()}"
+            elif unavailable_reason("triton", "cpu") is None:
+                report[name] = "no CUDA device; CPU tensors run under TRITON_INTERPRET=1 (slow, for tests)"
+            else:
+                report[name] = "installed, no CUDA device (set TRITON_INTERPRET=1 to run on CPU tensors)"
+            continue
+        report[name] = "available (reference; CPU and any device)"
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ._version import __version__
+    from .backends import requested_backend
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception as exc:  # noqa: BLE001 - report any import failure
+        triton_version = f"not available ({exc.__class__.__name__})"
+    print(f"teacache_fast {__version__}")
+    print(f"python        {platform.python_version()}")
+    print(f"torch         {torch.__version__} (CUDA runtime {torch.version.cuda or 'none'})")
+    print(f"triton        {triton_version}")
+    print(f"cuda device   {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    print(f"backend       {requested_backend()} (TEACACHE_FAST_BACKEND)")
+    print("backends:")
+    for name, line in backend_report().items():
+        print(f"  {name:<7} {line}")
+    return 0

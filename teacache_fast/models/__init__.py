@@ -1,0 +1,1 @@
+"""Model presets (one file per family) and their registry."""

@@ -1,0 +1,406 @@
+"""Public TeaCache ops: argument checks, then dispatch to a backend.
+
+Every op is a ``torch.library.custom_op`` in the ``teacache_fast`` namespace
+with a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` sees
+each one as a single graph node. The Python wrappers below validate arguments
+(device, dtype, shape, emptiness, grad mode) *before* anything runs and raise
+errors that name the argument; the backends below them assume valid input.
+
+==========================  ======================================================
+op                          what it computes
+==========================  ======================================================
+modulate                    ``norm(x) * (1 + scale) + shift``
+rel_l1_partials             fp32 ``[sum|cur - prev|, sum|prev|]`` (per sample: (B, 2))
+modulated_rel_l1_           both above in one pass; writes the new ``m`` into prev
+teacache_decide_            ``acc += poly(rel)``; compute flags; updates state
+residual_capture_           ``residual = out - inp`` into a preallocated buffer
+residual_apply_             ``hidden += residual`` (optionally per-sample mask)
+==========================  ======================================================
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .backends import (BACKENDS, BackendUnavailableError, backend_for, get_backend,
+                       unavailable_reason, use_backend)
+
+__all__ = [
+    "modulate", "rel_l1_partials", "modulated_rel_l1_", "teacache_decide_",
+    "residual_capture_", "residual_apply_", "new_decide_state", "backend_for",
+    "use_backend", "BackendUnavailableError", "SUPPORTED_DTYPES", "NORMS",
+    "MAX_COEFFICIENTS", "unavailable_reason", "BACKENDS",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NORMS = ("layer", "rms", "none")
+MAX_COEFFICIENTS = 9  # polynomial degree 0..8
+
+
+# --------------------------------------------------------------------------- checks
+
+def _dtype_names() -> str:
+    return "float32, float16 or bfloat16"
+
+
+def _check_tensor(name: str, t, *, min_dim: int = 1, dtypes=SUPPORTED_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        expected = _dtype_names() if dtypes is SUPPORTED_DTYPES else ", ".join(map(str, dtypes))
+        raise TypeError(f"{name} must have dtype {expected}, got {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{name} requires grad: teacache_fast ops are inference-only and have no backward; "
+            "call them under torch.no_grad() / torch.inference_mode() or pass a detached tensor")
+
+
+def _check_same_device(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+                         "they must be on the same device")
+
+
+def _check_same_shape(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, "
+                         f"got {tuple(t.shape)}")
+
+
+def _check_norm(norm, eps) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+
+def _modulation_rows(name: str, p, x: Tensor) -> Optional[Tensor]:
+    """Check a scale/shift tensor against x (B, *, C); return it as (B or 1, C)."""
+    if p is None:
+        return None
+    _check_tensor(name, p)
+    _check_same_device(name, p, "x", x)
+    B, C = x.shape[0], x.shape[-1]
+    ok = (p.dim() == 2 or (p.dim() == 3 and p.shape[1] == 1)) and p.shape[-1] == C \
+        and p.shape[0] in (1, B)
+    if not ok:
+        raise ValueError(f"{name} must have shape ({B}, {C}), ({B}, 1, {C}) or a batch of 1 "
+                         f"to broadcast, for x of shape {tuple(x.shape)}; got {tuple(p.shape)}")
+    return p.reshape(p.shape[0], C)
+
+
+def _check_x(x: Tensor) -> None:
+    _check_tensor("x", x, min_dim=2)
+
+
+def _check_bool(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+
+
+def _as_coefficients(coefficients) -> List[float]:
+    if isinstance(coefficients, torch.Tensor):
+        if coefficients.dim() != 1:
+            raise ValueError(f"coefficients must be 1-D, got shape {tuple(coefficients.shape)}")
+        coefficients = coefficients.tolist()
+    if isinstance(coefficients, (str, bytes)) or not isinstance(coefficients, Sequence) and \
+            not hasattr(coefficients, "__iter__"):
+        raise TypeError(f"coefficients must be a sequence of numbers, got {type(coefficients).__name__}")
+    values = list(coefficients)
+    if not 1 <= len(values) <= MAX_COEFFICIENTS:
+        raise ValueError(f"coefficients must hold 1 to {MAX_COEFFICIENTS} numbers (highest power "
+                         f"first, e.g. 5 for a degree-4 polynomial), got {len(values)}")
+    out = []
+    for i, c in enumerate(values):
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(float(c)):
+            raise ValueError(f"coefficients[{i}] must be a finite number, got {c!r}")
+        out.append(float(c))
+    return out
+
+
+# --------------------------------------------------------------------------- plumbing
+
+def _backend(t: Tensor):
+    return get_backend(backend_for(t))
+
+
+def _as_rows3(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
+
+
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _write_back(dst: Tensor, fn) -> None:
+    """Run ``fn(buf)`` on a contiguous view of dst; copy back when dst was strided."""
+    if dst.is_contiguous():
+        fn(dst)
+    else:
+        buf = dst.contiguous()
+        fn(buf)
+        dst.copy_(buf)
+
+
+# --------------------------------------------------------------------------- modulate
+
+@torch.library.custom_op("teacache_fast::modulate", mutates_args=())
+def _modulate(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], norm: str, eps: float) -> Tensor:
+    x3 = _as_rows3(x)
+    m = _backend(x).modulate(x3, _contig(scale), _contig(shift), norm, eps)
+    return m.view(x.shape)
+
+
+@_modulate.register_fake
+def _(x, scale, shift, norm, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def modulate(x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+             norm: str = "layer", eps: float = 1e-6) -> Tensor:
+    """``norm(x) * (1 + scale) + shift`` computed in fp32, returned in x's dtype.
+
+    x: (B, *, C). scale/shift: (B, C), (B, 1, C) (or a batch of 1) or None.
+    norm: "layer" (LayerNorm without affine), "rms" (RMSNorm without weight)
+    or "none".
+    """
+    _check_x(x)
+    _check_norm(norm, eps)
+    scale = _modulation_rows("scale", scale, x)
+    shift = _modulation_rows("shift", shift, x)
+    return torch.ops.teacache_fast.modulate(x, scale, shift, norm, float(eps))
+
+
+# --------------------------------------------------------------------------- rel_l1_partials
+
+def _partials_shape(t: Tensor, per_sample: bool):
+    return (t.shape[0], 2) if per_sample else (2,)
+
+
+@torch.library.custom_op("teacache_fast::rel_l1_partials", mutates_args=())
+def _rel_l1_partials(cur: Tensor, prev: Tensor, per_sample: bool) -> Tensor:
+    rows = cur.shape[0] if per_sample else 1
+    c2 = cur.reshape(rows, -1).contiguous()
+    p2 = prev.reshape(rows, -1).contiguous()
+    return _backend(cur).rel_l1_partials(c2, p2, per_sample)
+
+
+@_rel_l1_partials.register_fake
+def _(cur, prev, per_sample):
+    return cur.new_empty(_partials_shape(cur, per_sample), dtype=torch.float32)
+
+
+def rel_l1_partials(cur: Tensor, prev: Tensor, per_sample: bool = False) -> Tensor:
+    """fp32 ``[sum|cur - prev|, sum|prev|]``: shape (2,), or (B, 2) per sample.
+
+    The relative L1 distance of TeaCache is ``partials[..., 0] / partials[..., 1]``;
+    the sums (not the ratio) are what sequence-parallel ranks all-reduce.
+    """
+    _check_tensor("cur", cur)
+    _check_tensor("prev", prev)
+    _check_same_device("prev", prev, "cur", cur)
+    _check_same_shape("prev", prev, "cur", cur)
+    if prev.dtype != cur.dtype:
+        raise TypeError(f"prev must have the dtype of cur ({cur.dtype}), got {prev.dtype}")
+    _check_bool("per_sample", per_sample)
+    if per_sample and cur.dim() < 2:
+        raise ValueError(f"per_sample=True needs a batch dimension: cur must be (B, ...), "
+                         f"got shape {tuple(cur.shape)}")
+    return torch.ops.teacache_fast.rel_l1_partials(cur, prev, per_sample)
+
+
+# --------------------------------------------------------------------------- modulated_rel_l1_
+
+@torch.library.custom_op("teacache_fast::modulated_rel_l1_", mutates_args=("prev",))
+def _modulated_rel_l1(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], prev: Tensor,
+                      norm: str, eps: float, per_sample: bool) -> Tensor:
+    x3 = _as_rows3(x)
+    be = _backend(x)
+    result = []
+
+    def run(buf: Tensor) -> None:
+        result.append(be.modulated_rel_l1_(x3, _contig(scale), _contig(shift), buf.view(x3.shape),
+                                           norm, eps, per_sample))
+
+    _write_back(prev, run)
+    return result[0]
+
+
+@_modulated_rel_l1.register_fake
+def _(x, scale, shift, prev, norm, eps, per_sample):
+    return x.new_empty(_partials_shape(x, per_sample), dtype=torch.float32)
+
+
+def modulated_rel_l1_(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], prev: Tensor,
+                      norm: str = "layer", eps: float = 1e-6, per_sample: bool = False) -> Tensor:
+    """One pass of steps 1-2: ``m = modulate(x, ...)``; return rel_l1_partials(m, prev); prev <- m.
+
+    Reads x and prev once and writes prev once (3 x numel x itemsize bytes);
+    no m temporary. The partials compare prev with m rounded to prev's dtype,
+    i.e. exactly the values stored for the next call.
+    """
+    _check_x(x)
+    _check_norm(norm, eps)
+    scale = _modulation_rows("scale", scale, x)
+    shift = _modulation_rows("shift", shift, x)
+    _check_tensor("prev", prev)
+    _check_same_device("prev", prev, "x", x)
+    _check_same_shape("prev", prev, "x", x)
+    if prev.dtype != x.dtype:
+        raise TypeError(f"prev must have the dtype of x ({x.dtype}), got {prev.dtype}")
+    _check_bool("per_sample", per_sample)
+    return torch.ops.teacache_fast.modulated_rel_l1_(x, scale, shift, prev, norm, float(eps), per_sample)
+
+
+# --------------------------------------------------------------------------- teacache_decide_
+
+@torch.library.custom_op("teacache_fast::teacache_decide_", mutates_args=("state",))
+def _decide(partials: Tensor, state: Tensor, coefficients: List[float], threshold: float,
+            force: Tensor, max_consecutive_skips: int) -> Tensor:
+    lead = partials.shape[:-1]
+    p2 = partials.reshape(-1, 2).contiguous()
+    f1 = force.reshape(-1).contiguous()
+    be = _backend(partials)
+    result = []
+
+    def run(buf: Tensor) -> None:
+        result.append(be.teacache_decide_(p2, buf.view(-1, 2), coefficients, threshold, f1,
+                                          max_consecutive_skips))
+
+    _write_back(state, run)
+    return result[0].view(lead)
+
+
+@_decide.register_fake
+def _(partials, state, coefficients, threshold, force, max_consecutive_skips):
+    return partials.new_empty(partials.shape[:-1], dtype=torch.bool)
+
+
+def new_decide_state(partials_shape=(2,), device="cpu") -> Tensor:
+    """A fresh decision state (acc = 0, consecutive skips = 0) for partials of that shape."""
+    shape = tuple(partials_shape)
+    if not shape or shape[-1] != 2:
+        raise ValueError(f"partials_shape must end with 2, got {shape}")
+    return torch.zeros(shape, dtype=torch.float32, device=device)
+
+
+def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: float, *,
+                     force=False, max_consecutive_skips: Optional[int] = None) -> Tensor:
+    """Steps 3-4 on the device; returns bool compute flags of shape ``partials.shape[:-1]``.
+
+    state (fp32, same shape as partials) holds ``[acc, consecutive_skips]`` and
+    is updated in place. Per state: ``acc += poly(num / den)``; compute when
+    ``force``, when ``acc >= threshold``, when ``consecutive_skips`` reached
+    ``max_consecutive_skips``, or when the ratio or acc is not finite (zero
+    denominator, inf, NaN); a compute resets acc and the skip counter (a forced
+    step does not accumulate). ``threshold == 0`` never skips. No host sync.
+    """
+    _check_tensor("partials", partials, dtypes=(torch.float32,))
+    if partials.shape[-1] != 2:
+        raise ValueError(f"partials must have shape (..., 2), got {tuple(partials.shape)}")
+    _check_tensor("state", state, dtypes=(torch.float32,))
+    _check_same_device("state", state, "partials", partials)
+    _check_same_shape("state", state, "partials", partials)
+    coeffs = _as_coefficients(coefficients)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
+            or not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    lead = partials.shape[:-1]
+    if isinstance(force, torch.Tensor):
+        if force.dtype != torch.bool:
+            raise TypeError(f"force must be a bool or a bool tensor, got dtype {force.dtype}")
+        _check_same_device("force", force, "partials", partials)
+        if force.shape != lead:
+            raise ValueError(f"force must have shape {tuple(lead)} (partials without the last "
+                             f"dimension), got {tuple(force.shape)}")
+    elif isinstance(force, bool):
+        force = torch.full(lead, force, dtype=torch.bool, device=partials.device)
+    else:
+        raise TypeError(f"force must be a bool or a bool tensor, got {type(force).__name__}")
+    if max_consecutive_skips is None:
+        max_skips = -1
+    elif isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, numbers.Integral) \
+            or max_consecutive_skips < 0:
+        raise ValueError(f"max_consecutive_skips must be None or an int >= 0, got {max_consecutive_skips!r}")
+    else:
+        max_skips = int(max_consecutive_skips)
+    return torch.ops.teacache_fast.teacache_decide_(partials, state, coeffs, float(threshold), force, max_skips)
+
+
+# --------------------------------------------------------------------------- residual ops
+
+@torch.library.custom_op("teacache_fast::residual_capture_", mutates_args=("residual",))
+def _residual_capture(out: Tensor, inp: Tensor, residual: Tensor) -> None:
+    o1 = out.reshape(-1).contiguous()
+    i1 = inp.reshape(-1).contiguous()
+    be = _backend(out)
+    if residual.device == out.device:
+        _write_back(residual, lambda buf: be.residual_capture_(o1, i1, buf.view(-1)))
+    else:  # e.g. a CPU (pinned) cache of GPU activations: compute here, copy asynchronously
+        tmp = torch.empty(o1.shape, dtype=residual.dtype, device=out.device)
+        be.residual_capture_(o1, i1, tmp)
+        residual.copy_(tmp.view(residual.shape), non_blocking=True)
+
+
+@_residual_capture.register_fake
+def _(out, inp, residual):
+    return None
+
+
+def residual_capture_(out: Tensor, inp: Tensor, residual: Tensor) -> None:
+    """``residual = out - inp`` (fp32 arithmetic) into a preallocated buffer.
+
+    residual may have any supported float dtype (an fp32 cache of bf16
+    activations is fine) and may live on another device (e.g. pinned CPU).
+    """
+    _check_tensor("out", out)
+    _check_tensor("inp", inp)
+    _check_same_device("inp", inp, "out", out)
+    _check_same_shape("inp", inp, "out", out)
+    if inp.dtype != out.dtype:
+        raise TypeError(f"inp must have the dtype of out ({out.dtype}), got {inp.dtype}")
+    _check_tensor("residual", residual)
+    _check_same_shape("residual", residual, "out", out)
+    torch.ops.teacache_fast.residual_capture_(out, inp, residual)
+
+
+@torch.library.custom_op("teacache_fast::residual_apply_", mutates_args=("hidden",))
+def _residual_apply(hidden: Tensor, residual: Tensor, mask: Optional[Tensor]) -> None:
+    B = hidden.shape[0]
+    if residual.device != hidden.device:
+        residual = residual.to(hidden.device, non_blocking=True)
+    r2 = residual.reshape(B, -1).contiguous()
+    m1 = _contig(mask)
+    be = _backend(hidden)
+    _write_back(hidden, lambda buf: be.residual_apply_(buf.view(B, -1), r2, m1))
+
+
+@_residual_apply.register_fake
+def _(hidden, residual, mask):
+    return None
+
+
+def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor] = None) -> None:
+    """``hidden += residual`` in place (fp32 add, rounded once to hidden's dtype).
+
+    mask: optional (B,) bool tensor on hidden's device; only samples whose
+    mask is set change. residual may have another float dtype or device.
+    """
+    _check_tensor("hidden", hidden)
+    _check_tensor("residual", residual)
+    _check_same_shape("residual", residual, "hidden", hidden)
+    if mask is not None:
+        _check_tensor("mask", mask, dtypes=(torch.bool,))
+        _check_same_device("mask", mask, "hidden", hidden)
+        if mask.shape != (hidden.shape[0],):
+            raise ValueError(f"mask must have shape ({hidden.shape[0]},) (one flag per sample of "
+                             f"hidden), got {tuple(mask.shape)}")
+    torch.ops.teacache_fast.residual_apply_(hidden, residual, mask)

@@ -1,0 +1,27 @@
+"""Test setup: without a CUDA device, run Triton kernels under the interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, hence here at
+the top of conftest, before anything imports teacache_fast's Triton backend.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _clean_backend_env(monkeypatch):
+    """Tests choose their backend explicitly; a user's env var must not leak in."""
+    monkeypatch.delenv("TEACACHE_FAST_BACKEND", raising=False)
+    yield
+
+
+@pytest.fixture
+def device():
+    return DEVICE
