@@ -14,7 +14,9 @@ import threading
 from types import ModuleType
 from typing import Iterator
 
-import torch
+# Imported as _torch: importing the submodule teacache_fast.backends.torch binds
+# the name `torch` in this package's namespace and would shadow the library.
+import torch as _torch
 
 BACKENDS = ("cuda", "triton", "torch")
 _CHOICES = ("auto",) + BACKENDS
@@ -27,7 +29,7 @@ class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run on this machine or for this tensor."""
 
 
-def _triton_reason(device: torch.device) -> str | None:
+def _triton_reason(device: _torch.device) -> str | None:
     """None when the Triton backend can run on ``device``, else why not."""
     try:
         import triton  # noqa: F401
@@ -43,7 +45,7 @@ def _triton_reason(device: torch.device) -> str | None:
     return f"triton does not support device type {device.type!r}"
 
 
-def _cuda_reason(device: torch.device) -> str | None:
+def _cuda_reason(device: _torch.device) -> str | None:
     """None when the compiled CUDA extension can run on ``device``, else why not."""
     try:
         importlib.import_module("teacache_fast._C")
@@ -54,9 +56,9 @@ def _cuda_reason(device: torch.device) -> str | None:
     return None
 
 
-def unavailable_reason(name: str, device: torch.device | str) -> str | None:
+def unavailable_reason(name: str, device: _torch.device | str) -> str | None:
     """None when backend ``name`` can run ops on ``device``, else a reason."""
-    device = torch.device(device)
+    device = _torch.device(device)
     if name == "torch":
         return None
     if name == "triton":
@@ -88,7 +90,7 @@ def use_backend(name: str) -> Iterator[None]:
         _override.name = previous
 
 
-def backend_for(tensor: torch.Tensor) -> str:
+def backend_for(tensor: _torch.Tensor) -> str:
     """Name of the backend that runs an op whose main input is ``tensor``."""
     device = tensor.device
     forced = requested_backend()
