@@ -1,0 +1,81 @@
+# SPDX-License-Identifier: Apache-2.0
+"""TeaCache residual: capture ``out - inp`` and apply ``hidden += residual``.
+
+``residual_capture_``: residual = out - inp over L elements, fp32 arithmetic,
+                       rounded once to residual's dtype (which may differ from
+                       out/inp, e.g. an fp32 cache of bf16 activations). Bytes:
+                       read out, read inp, write residual.
+``residual_apply_``:   hidden (B, L) += residual (B, L) in fp32, rounded once to
+                       hidden's dtype. With a (B,) bool mask, read on the device
+                       (no host sync), samples whose flag is false are neither
+                       read nor written. Bytes: read hidden and residual, write
+                       hidden (for the masked-in samples).
+
+Elementwise, so there is no reduction order to fix. Each program handles
+``tiles_per_program`` tiles of BLOCK elements of one sample.
+Self-contained (triton + torch only) so it can be copied into other projects.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_to(v, dtype: tl.constexpr):
+    """fp32 -> dtype, rounding to nearest even. bf16 goes through the bits: the
+    Triton interpreter (3.x) truncates fp32 -> bf16 casts; on a GPU this is a
+    few integer ops on a memory-bound kernel and gives the same bits as cvt.rn."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = tl.where(v != v, 0x7FC00000, bits + (((bits >> 16) & 1) + 0x7FFF))
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = v.to(dtype)
+    return out
+
+
+@triton.jit
+def _residual_capture_kernel(out_ptr, inp_ptr, res_ptr, L, tiles_per_program, BLOCK: tl.constexpr):
+    first = tl.program_id(0).to(tl.int64) * tiles_per_program * BLOCK
+    lanes = tl.arange(0, BLOCK)
+    for t in range(0, tiles_per_program):
+        offs = first + t * BLOCK + lanes
+        mask = offs < L
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        i = tl.load(inp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(res_ptr + offs, _round_to(o - i, res_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _residual_apply_kernel(hidden_ptr, res_ptr, mask_ptr, L, tiles_per_program,
+                           HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1).to(tl.int64) * tiles_per_program * BLOCK
+    lanes = tl.arange(0, BLOCK)
+    # A masked-out sample gets an empty range: no loads, no stores.
+    end = L
+    if HAS_MASK:
+        end = L * tl.load(mask_ptr + b).to(tl.int64)  # the bool flag read as a 0/1 byte
+    for t in range(0, tiles_per_program):
+        offs = first + t * BLOCK + lanes
+        mask = offs < end
+        h = tl.load(hidden_ptr + b * L + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(res_ptr + b * L + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(hidden_ptr + b * L + offs, _round_to(h + r, hidden_ptr.dtype.element_ty), mask=mask)
+
+
+def residual_capture_(out, inp, residual, *, block, tiles_per_program, num_warps):
+    """residual <- out - inp for contiguous 1-D tensors of equal length."""
+    L = out.numel()
+    grid = (triton.cdiv(triton.cdiv(L, block), tiles_per_program),)
+    _residual_capture_kernel[grid](out, inp, residual, L, tiles_per_program,
+                                   BLOCK=block, num_warps=num_warps)
+
+
+def residual_apply_(hidden, residual, mask, *, block, tiles_per_program, num_warps):
+    """hidden += residual for contiguous (B, L) tensors; mask: contiguous (B,) bool or None."""
+    B, L = hidden.shape
+    grid = (B, triton.cdiv(triton.cdiv(L, block), tiles_per_program))
+    _residual_apply_kernel[grid](hidden, residual, hidden if mask is None else mask.view(torch.uint8), L,
+                                 tiles_per_program, HAS_MASK=mask is not None, BLOCK=block,
+                                 num_warps=num_warps)
