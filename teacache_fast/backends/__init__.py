@@ -8,6 +8,7 @@ Order for CUDA tensors is cuda -> triton -> torch; CPU tensors use torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -53,7 +54,17 @@ def _cuda_reason(device: _torch.device) -> str | None:
         return f"CUDA extension teacache_fast._C is not built ({exc})"
     if device.type != "cuda":
         return f"the CUDA backend needs CUDA tensors, got a tensor on {device}"
-    return None
+    return _cuda_device_error(device.index if device.index is not None else _torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_error(index: int) -> str | None:
+    """Ask _C once per GPU whether its kernels run there (driver new enough, arch
+    compiled in), so an old driver falls back to triton instead of failing."""
+    ext = importlib.import_module("teacache_fast._C")
+    with _torch.cuda.device(index):
+        err = ext.device_error()
+    return f"CUDA extension cannot run on cuda:{index}: {err}" if err else None
 
 
 def unavailable_reason(name: str, device: _torch.device | str) -> str | None:

@@ -1,0 +1,264 @@
+// SPDX-License-Identifier: Apache-2.0
+// Shared device helpers for the teacache_fast kernels: dtype traits, vector
+// loads, the row split into an aligned vector body and scalar edges, block
+// reductions, and the launch geometry every op derives from the SM count.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "teacache_fast.h"
+
+namespace tcf {
+
+// ---------------------------------------------------------------- dtype traits
+// Storage is a raw bit pattern for the 16-bit types, so packs stay trivial.
+struct F32 {
+  using storage = float;
+  __device__ __forceinline__ static float to_f(float v) { return v; }
+  __device__ __forceinline__ static float from_f(float v) { return v; }
+};
+struct F16 {
+  using storage = unsigned short;
+  __device__ __forceinline__ static float to_f(unsigned short v) {
+    return __half2float(__ushort_as_half(v));
+  }
+  __device__ __forceinline__ static unsigned short from_f(float v) {
+    return __half_as_ushort(__float2half_rn(v));
+  }
+};
+struct BF16 {
+  using storage = unsigned short;
+  __device__ __forceinline__ static float to_f(unsigned short v) {
+    return __bfloat162float(__ushort_as_bfloat16(v));
+  }
+  __device__ __forceinline__ static unsigned short from_f(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+};
+
+// Elements per 128-bit access of the main tensor.
+template <typename T>
+__host__ __device__ constexpr int vec_of() { return 16 / static_cast<int>(sizeof(typename T::storage)); }
+
+// Alignment of W elements of S (capped at 16 bytes: wider packs split in two).
+template <typename S, int W>
+__host__ __device__ constexpr int pack_align() { return W * sizeof(S) < 16 ? static_cast<int>(W * sizeof(S)) : 16; }
+
+// Packs move as 32-bit words (two 16-bit values per word) through explicit
+// uint4/uint2 accesses (stores through __stwb: a plain uint4 store was split
+// into 32-bit stores in some kernels), so 128-bit ld/st are emitted.
+template <int N32>
+__device__ __forceinline__ void load_words(const void *p, unsigned (&w)[N32]) {
+  if constexpr (N32 % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < N32 / 4; ++k) {
+      const uint4 v = reinterpret_cast<const uint4 *>(p)[k];
+      w[4 * k] = v.x; w[4 * k + 1] = v.y; w[4 * k + 2] = v.z; w[4 * k + 3] = v.w;
+    }
+  } else if constexpr (N32 == 2) {
+    const uint2 v = *reinterpret_cast<const uint2 *>(p);
+    w[0] = v.x; w[1] = v.y;
+  } else {
+    static_assert(N32 == 1, "packs are 1, 2 or a multiple of 4 words");
+    w[0] = *reinterpret_cast<const unsigned *>(p);
+  }
+}
+
+template <int N32>
+__device__ __forceinline__ void store_words(void *p, const unsigned (&w)[N32]) {
+  if constexpr (N32 % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < N32 / 4; ++k)
+      __stwb(reinterpret_cast<uint4 *>(p) + k, make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]));
+  } else if constexpr (N32 == 2) {
+    __stwb(reinterpret_cast<uint2 *>(p), make_uint2(w[0], w[1]));
+  } else {
+    static_assert(N32 == 1, "packs are 1, 2 or a multiple of 4 words");
+    *reinterpret_cast<unsigned *>(p) = w[0];
+  }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void load(const typename T::storage *p, float (&out)[W]) {
+  if constexpr (sizeof(typename T::storage) == 4) {
+    unsigned w[W];
+    load_words<W>(p, w);
+#pragma unroll
+    for (int j = 0; j < W; ++j) out[j] = __uint_as_float(w[j]);
+  } else if constexpr (W == 1) {
+    out[0] = T::to_f(*p);
+  } else {
+    unsigned w[W / 2];
+    load_words<W / 2>(p, w);
+#pragma unroll
+    for (int k = 0; k < W / 2; ++k) {
+      out[2 * k] = T::to_f(static_cast<unsigned short>(w[k] & 0xffffu));
+      out[2 * k + 1] = T::to_f(static_cast<unsigned short>(w[k] >> 16));
+    }
+  }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void store(typename T::storage *p, const float (&in)[W]) {
+  if constexpr (sizeof(typename T::storage) == 4) {
+    unsigned w[W];
+#pragma unroll
+    for (int j = 0; j < W; ++j) w[j] = __float_as_uint(in[j]);
+    store_words<W>(p, w);
+  } else if constexpr (W == 1) {
+    *p = T::from_f(in[0]);
+  } else {
+    unsigned w[W / 2];
+#pragma unroll
+    for (int k = 0; k < W / 2; ++k)
+      w[k] = static_cast<unsigned>(T::from_f(in[2 * k])) |
+             (static_cast<unsigned>(T::from_f(in[2 * k + 1])) << 16);
+    store_words<W / 2>(p, w);
+  }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ bool pack_aligned(const void *p) {
+  return reinterpret_cast<uintptr_t>(p) % pack_align<typename T::storage, W>() == 0;
+}
+
+// ---------------------------------------------------------------- row split
+// A row of n elements = scalar head (until the main pointer is 16-byte aligned)
+// + nvec packs of VEC + scalar tail. When another pointer of the row is not
+// aligned the same way, the whole row takes the scalar path.
+struct RowSplit {
+  int64_t head;
+  int64_t nvec;
+};
+
+template <typename T>
+__device__ __forceinline__ RowSplit split_row(const void *main, int64_t n) {
+  constexpr int VEC = vec_of<T>();
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(main) % 16) /
+                      static_cast<int64_t>(sizeof(typename T::storage));
+  int64_t head = mis ? VEC - mis : 0;
+  if (head > n) head = n;
+  return RowSplit{head, (n - head) / VEC};
+}
+
+__device__ __forceinline__ RowSplit scalar_row(int64_t n) { return RowSplit{n, 0}; }
+
+// Calls f(i, std::integral_constant<int, W>) for W = VEC over the packs and
+// W = 1 over the head and tail elements, spread over `nthreads` threads.
+template <int VEC, typename F>
+__device__ __forceinline__ void for_each(const RowSplit &s, int64_t n, int64_t tid,
+                                         int64_t nthreads, F &&f) {
+  for (int64_t v = tid; v < s.nvec; v += nthreads)
+    f(s.head + v * VEC, std::integral_constant<int, VEC>{});
+  const int64_t tail0 = s.head + s.nvec * VEC;
+  const int64_t nscalar = s.head + (n - tail0);
+  for (int64_t k = tid; k < nscalar; k += nthreads)
+    f(k < s.head ? k : tail0 + (k - s.head), std::integral_constant<int, 1>{});
+}
+
+// ---------------------------------------------------------------- reductions
+// Butterfly warp sum, then warp 0 sums the per-warp values: a fixed order, so
+// the result does not depend on scheduling. blockDim.x must be a multiple of 32.
+// Every thread gets the block total. Safe to call repeatedly.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float2 block_sum2(float2 v) {
+  __shared__ float2 warp_vals[32];
+  __shared__ float2 total;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v.x = warp_sum(v.x);
+  v.y = warp_sum(v.y);
+  __syncthreads();  // a previous call may still be reading warp_vals / total
+  if (lane == 0) warp_vals[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const int nwarps = blockDim.x >> 5;
+    float2 w = lane < nwarps ? warp_vals[lane] : make_float2(0.f, 0.f);
+    w.x = warp_sum(w.x);
+    w.y = warp_sum(w.y);
+    if (lane == 0) total = w;
+  }
+  __syncthreads();
+  return total;
+}
+
+__device__ __forceinline__ float block_sum(float v) {
+  return block_sum2(make_float2(v, 0.f)).x;
+}
+
+// ---------------------------------------------------------------- host side
+constexpr int kThreads = 256;   // elementwise and reduction blocks
+constexpr int kBlocksPerSm = 8; // resident 256-thread blocks per SM we aim for
+constexpr int kMaxGridY = 65535;
+
+// SM count of the current device, cached per device (cudaDeviceGetAttribute
+// costs a driver call). Returns a CUDA error code, 0 on success.
+cudaError_t sm_count(int *out);
+
+// Blocks per sample so that the whole grid fills the device about once.
+inline int64_t blocks_per_sample(int sms, int64_t batch, int64_t work_blocks) {
+  int64_t target = static_cast<int64_t>(sms) * kBlocksPerSm;
+  int64_t per = (target + batch - 1) / (batch > 0 ? batch : 1);
+  if (per > work_blocks) per = work_blocks;
+  return per < 1 ? 1 : per;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int row_threads(int64_t cols, int vec) {
+  int64_t t = ceil_div(ceil_div(cols, vec), 32) * 32;
+  return static_cast<int>(t < 32 ? 32 : (t > kThreads ? kThreads : t));
+}
+
+inline unsigned grid_y(int64_t batch) {
+  return static_cast<unsigned>(batch < kMaxGridY ? batch : kMaxGridY);
+}
+
+// Error reporting (status.cpp). fail() formats the thread's message.
+tcf_status fail(tcf_status status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+tcf_status ok();
+// After a launch: TCF_ERROR_CUDA with the op's name if the launch failed.
+tcf_status check_launch(const char *op);
+tcf_status cuda_fail(const char *op, cudaError_t err);
+
+bool valid_dtype(int dtype);
+int dtype_size(tcf_dtype dtype);
+const char *dtype_name(int dtype);
+// Checks a pointer that must be non-NULL and element-aligned.
+tcf_status check_ptr(const char *op, const char *name, const void *p, int elem_size);
+
+// Partial-sum finalizer shared by both reductions (partials.cu).
+tcf_status finish_partials(const char *op, const float *workspace, float *partials,
+                           int64_t outputs, int64_t per_output, cudaStream_t stream);
+
+}  // namespace tcf
+
+// Dispatch on a runtime dtype code to a traits type `TT`.
+#define TCF_DISPATCH(code, TT, ...)          \
+  switch (code) {                            \
+    case TCF_FLOAT32: {                      \
+      using TT = ::tcf::F32;                 \
+      __VA_ARGS__;                           \
+    } break;                                 \
+    case TCF_FLOAT16: {                      \
+      using TT = ::tcf::F16;                 \
+      __VA_ARGS__;                           \
+    } break;                                 \
+    case TCF_BFLOAT16: {                     \
+      using TT = ::tcf::BF16;                \
+      __VA_ARGS__;                           \
+    } break;                                 \
+  }

@@ -1,0 +1,252 @@
+// SPDX-License-Identifier: Apache-2.0
+// modulate and modulated_rel_l1_: m = norm(x) * (1 + scale) + shift per row of
+// `cols`, computed in fp32. The indicator variant reads prev, adds
+// |m - prev| and |prev| (m rounded to prev's dtype, i.e. what is stored) into
+// per-block partials, and writes m into prev: one pass over x and prev.
+//
+// A block owns whole rows (LayerNorm/RMSNorm statistics need the full row);
+// the statistics passes re-read the row, which is then still in L1/L2, so
+// DRAM sees x once.
+#include <cmath>
+
+#include "common.cuh"
+
+namespace tcf {
+namespace {
+
+template <typename T, typename P, bool INDICATOR>
+__global__ void modulate_rows_kernel(const typename T::storage *__restrict__ x,
+                                     const typename P::storage *__restrict__ scale,
+                                     int64_t scale_stride,
+                                     const typename P::storage *__restrict__ shift,
+                                     int64_t shift_stride,
+                                     typename T::storage *__restrict__ out,  // prev if INDICATOR
+                                     float *__restrict__ ws, int64_t batch, int64_t rows,
+                                     int64_t cols, int norm, float eps) {
+  constexpr int VEC = vec_of<T>();
+  const int64_t nblk = gridDim.x;
+  const float fcols = static_cast<float>(cols);
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    const typename P::storage *sc = scale ? scale + b * scale_stride : nullptr;
+    const typename P::storage *sh = shift ? shift + b * shift_stride : nullptr;
+    float2 acc = make_float2(0.f, 0.f);
+    for (int64_t r = blockIdx.x; r < rows; r += nblk) {
+      const typename T::storage *xr = x + (b * rows + r) * cols;
+      typename T::storage *outr = out + (b * rows + r) * cols;
+      RowSplit s = split_row<T>(xr, cols);
+      if (!pack_aligned<T, VEC>(outr + s.head) || (sc && !pack_aligned<P, VEC>(sc + s.head)) ||
+          (sh && !pack_aligned<P, VEC>(sh + s.head)))
+        s = scalar_row(cols);
+
+      // (x - mean) * rstd covers all three norms exactly: none has mean 0 and
+      // rstd 1, RMSNorm has mean 0.
+      float mean = 0.f, rstd = 1.f;
+      if (norm == TCF_NORM_LAYER) {
+        float sum = 0.f;
+        for_each<VEC>(s, cols, threadIdx.x, blockDim.x, [&](int64_t i, auto w) {
+          constexpr int W = decltype(w)::value;
+          float v[W];
+          load<T, W>(xr + i, v);
+#pragma unroll
+          for (int j = 0; j < W; ++j) sum += v[j];
+        });
+        mean = block_sum(sum) / fcols;
+        float sq = 0.f;
+        for_each<VEC>(s, cols, threadIdx.x, blockDim.x, [&](int64_t i, auto w) {
+          constexpr int W = decltype(w)::value;
+          float v[W];
+          load<T, W>(xr + i, v);
+#pragma unroll
+          for (int j = 0; j < W; ++j) sq += (v[j] - mean) * (v[j] - mean);
+        });
+        rstd = 1.0f / sqrtf(block_sum(sq) / fcols + eps);
+      } else if (norm == TCF_NORM_RMS) {
+        float sq = 0.f;
+        for_each<VEC>(s, cols, threadIdx.x, blockDim.x, [&](int64_t i, auto w) {
+          constexpr int W = decltype(w)::value;
+          float v[W];
+          load<T, W>(xr + i, v);
+#pragma unroll
+          for (int j = 0; j < W; ++j) sq += v[j] * v[j];
+        });
+        rstd = 1.0f / sqrtf(block_sum(sq) / fcols + eps);
+      }
+
+      for_each<VEC>(s, cols, threadIdx.x, blockDim.x, [&](int64_t i, auto w) {
+        constexpr int W = decltype(w)::value;
+        float m[W];
+        load<T, W>(xr + i, m);
+#pragma unroll
+        for (int j = 0; j < W; ++j) m[j] = __fmul_rn(__fsub_rn(m[j], mean), rstd);
+        if (sc) {  // separate rounded mul/add, as the reference: m * (1 + scale) + shift
+          float sv[W];
+          load<P, W>(sc + i, sv);
+#pragma unroll
+          for (int j = 0; j < W; ++j) m[j] = __fmul_rn(m[j], __fadd_rn(1.0f, sv[j]));
+        }
+        if (sh) {
+          float tv[W];
+          load<P, W>(sh + i, tv);
+#pragma unroll
+          for (int j = 0; j < W; ++j) m[j] = __fadd_rn(m[j], tv[j]);
+        }
+        if constexpr (INDICATOR) {
+          float pv[W];
+          load<T, W>(outr + i, pv);
+#pragma unroll
+          for (int j = 0; j < W; ++j) {
+            m[j] = T::to_f(T::from_f(m[j]));  // compare what gets stored
+            acc.x += fabsf(m[j] - pv[j]);
+            acc.y += fabsf(pv[j]);
+          }
+        }
+        store<T, W>(outr + i, m);
+      });
+    }
+    if constexpr (INDICATOR) {
+      acc = block_sum2(acc);
+      if (threadIdx.x == 0) {
+        ws[(b * nblk + blockIdx.x) * 2] = acc.x;
+        ws[(b * nblk + blockIdx.x) * 2 + 1] = acc.y;
+      }
+    }
+  }
+}
+
+int64_t row_blocks(int sms, int64_t batch, int64_t rows) {
+  return blocks_per_sample(sms, batch, rows);
+}
+
+struct RowArgs {
+  const void *x, *scale, *shift;
+  int64_t scale_stride, shift_stride;
+  void *out;
+  float *ws;
+  int64_t batch, rows, cols;
+  tcf_dtype dtype, param_dtype;
+  int norm;
+  float eps;
+};
+
+template <bool INDICATOR, typename T, typename P>
+void launch_rows(const RowArgs &a, int64_t nblk, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(nblk), grid_y(a.batch));
+  const int threads = row_threads(a.cols, vec_of<T>());
+  modulate_rows_kernel<T, P, INDICATOR><<<grid, threads, 0, stream>>>(
+      static_cast<const typename T::storage *>(a.x),
+      static_cast<const typename P::storage *>(a.scale), a.scale_stride,
+      static_cast<const typename P::storage *>(a.shift), a.shift_stride,
+      static_cast<typename T::storage *>(a.out), a.ws, a.batch, a.rows, a.cols, a.norm, a.eps);
+}
+
+// scale/shift are either in x's dtype or fp32 (an exact upcast of any dtype).
+template <bool INDICATOR>
+void dispatch_rows(const RowArgs &a, int64_t nblk, cudaStream_t stream) {
+  const bool f32_params = a.param_dtype == TCF_FLOAT32 && (a.scale || a.shift);
+  TCF_DISPATCH(a.dtype, T,
+               if (f32_params) launch_rows<INDICATOR, T, F32>(a, nblk, stream);
+               else launch_rows<INDICATOR, T, T>(a, nblk, stream));
+}
+
+tcf_status check_rows(const char *op, const RowArgs &a, bool indicator) {
+  const tcf_status bad = TCF_ERROR_INVALID_VALUE;
+  if (!valid_dtype(a.dtype))
+    return fail(bad, "%s: unknown dtype code %d (expected 0 float32, 1 float16, 2 bfloat16)", op,
+                (int)a.dtype);
+  if ((a.scale || a.shift) && a.param_dtype != a.dtype && a.param_dtype != TCF_FLOAT32)
+    return fail(bad, "%s: scale/shift dtype must be x's dtype (%s) or float32, got code %d", op,
+                dtype_name(a.dtype), (int)a.param_dtype);
+  if (a.norm != TCF_NORM_NONE && a.norm != TCF_NORM_LAYER && a.norm != TCF_NORM_RMS)
+    return fail(bad, "%s: unknown norm code %d (expected 0 none, 1 layer, 2 rms)", op, a.norm);
+  if (!(std::isfinite(a.eps) && a.eps > 0.f))
+    return fail(bad, "%s: eps must be a finite number > 0, got %g", op, (double)a.eps);
+  if (a.batch < 0 || a.rows < 0 || a.cols < 0)
+    return fail(bad, "%s: batch (%lld), rows (%lld) and cols (%lld) must be >= 0", op,
+                (long long)a.batch, (long long)a.rows, (long long)a.cols);
+  if (a.scale_stride < 0 || a.shift_stride < 0)
+    return fail(bad, "%s: scale_batch_stride (%lld) and shift_batch_stride (%lld) must be >= 0",
+                op, (long long)a.scale_stride, (long long)a.shift_stride);
+  if (a.batch * a.rows * a.cols == 0) return TCF_SUCCESS;  // nothing is read
+  const int es = dtype_size(a.dtype), ps = dtype_size(a.param_dtype);
+  if (check_ptr(op, "x", a.x, es) != TCF_SUCCESS) return bad;
+  if (check_ptr(op, indicator ? "prev" : "out", a.out, es) != TCF_SUCCESS) return bad;
+  if (a.scale && check_ptr(op, "scale", a.scale, ps) != TCF_SUCCESS) return bad;
+  if (a.shift && check_ptr(op, "shift", a.shift, ps) != TCF_SUCCESS) return bad;
+  return TCF_SUCCESS;
+}
+
+}  // namespace
+}  // namespace tcf
+
+using namespace tcf;
+
+extern "C" tcf_status tcf_modulated_rel_l1_workspace_size(int64_t batch, int64_t rows,
+                                                          int64_t cols, tcf_dtype dtype,
+                                                          size_t *floats) {
+  const char *op = "tcf_modulated_rel_l1_workspace_size";
+  if (floats == nullptr) return fail(TCF_ERROR_INVALID_VALUE, "%s: floats must not be NULL", op);
+  if (!valid_dtype(dtype)) return fail(TCF_ERROR_INVALID_VALUE, "%s: unknown dtype code %d", op, (int)dtype);
+  if (batch < 0 || rows < 0 || cols < 0)
+    return fail(TCF_ERROR_INVALID_VALUE, "%s: batch, rows and cols must be >= 0", op);
+  if (batch * rows * cols == 0) {
+    *floats = 0;
+    return ok();
+  }
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return cuda_fail(op, err);
+  *floats = static_cast<size_t>(batch * row_blocks(sms, batch, rows) * 2);
+  return ok();
+}
+
+extern "C" tcf_status tcf_modulate(const void *x, const void *scale, int64_t scale_batch_stride,
+                                   const void *shift, int64_t shift_batch_stride, void *out,
+                                   int64_t batch, int64_t rows, int64_t cols, tcf_dtype dtype,
+                                   tcf_dtype param_dtype, tcf_norm norm, float eps,
+                                   cudaStream_t stream) {
+  const char *op = "tcf_modulate";
+  const RowArgs a{x, scale, shift, scale_batch_stride, shift_batch_stride, out, nullptr,
+                  batch, rows, cols, dtype, param_dtype, norm, eps};
+  const tcf_status st = check_rows(op, a, false);
+  if (st != TCF_SUCCESS || batch * rows * cols == 0) return st;
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return cuda_fail(op, err);
+  dispatch_rows<false>(a, row_blocks(sms, batch, rows), stream);
+  return check_launch(op);
+}
+
+extern "C" tcf_status tcf_modulated_rel_l1(const void *x, const void *scale,
+                                           int64_t scale_batch_stride, const void *shift,
+                                           int64_t shift_batch_stride, void *prev,
+                                           float *partials, int64_t batch, int64_t rows,
+                                           int64_t cols, tcf_dtype dtype, tcf_dtype param_dtype,
+                                           tcf_norm norm, float eps, int per_sample,
+                                           float *workspace, size_t workspace_floats,
+                                           cudaStream_t stream) {
+  const char *op = "tcf_modulated_rel_l1";
+  const RowArgs a{x, scale, shift, scale_batch_stride, shift_batch_stride, prev, workspace,
+                  batch, rows, cols, dtype, param_dtype, norm, eps};
+  tcf_status st = check_rows(op, a, true);
+  if (st != TCF_SUCCESS) return st;
+  const int64_t outputs = per_sample ? batch : 1;
+  if (outputs > 0 && check_ptr(op, "partials", partials, 4) != TCF_SUCCESS) return TCF_ERROR_INVALID_VALUE;
+  if (batch * rows * cols == 0) {  // empty sums are zero
+    if (outputs == 0) return ok();
+    const cudaError_t err = cudaMemsetAsync(partials, 0, sizeof(float) * 2 * outputs, stream);
+    return err == cudaSuccess ? ok() : cuda_fail(op, err);
+  }
+  if (check_ptr(op, "workspace", workspace, 4) != TCF_SUCCESS) return TCF_ERROR_INVALID_VALUE;
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return cuda_fail(op, err);
+  const int64_t nblk = row_blocks(sms, batch, rows);
+  if (workspace_floats < static_cast<size_t>(batch * nblk * 2))
+    return fail(TCF_ERROR_INVALID_VALUE,
+                "%s: workspace holds %zu floats, needs %lld (ask tcf_modulated_rel_l1_workspace_size)",
+                op, workspace_floats, (long long)(batch * nblk * 2));
+  dispatch_rows<true>(a, nblk, stream);
+  st = check_launch(op);
+  if (st != TCF_SUCCESS) return st;
+  return finish_partials(op, workspace, partials, outputs, per_sample ? nblk : batch * nblk, stream);
+}

@@ -1,0 +1,138 @@
+// SPDX-License-Identifier: Apache-2.0
+// rel_l1_partials: [sum |cur - prev|, sum |prev|], and the second reduction
+// stage that both indicator ops share. Stage 1 writes one fp32 pair per block;
+// stage 2 adds them in a fixed order (no atomics), so results are bitwise
+// reproducible for a given device.
+#include "common.cuh"
+
+namespace tcf {
+namespace {
+
+// Stage 2: output o = sum of its `per_output` consecutive workspace pairs.
+__global__ void finish_partials_kernel(const float *__restrict__ ws, float *__restrict__ partials,
+                                       int64_t outputs, int64_t per_output) {
+  for (int64_t o = blockIdx.x; o < outputs; o += gridDim.x) {
+    const float *src = ws + o * per_output * 2;
+    float2 acc = make_float2(0.f, 0.f);
+    for (int64_t i = threadIdx.x; i < per_output; i += blockDim.x) {
+      acc.x += src[2 * i];
+      acc.y += src[2 * i + 1];
+    }
+    acc = block_sum2(acc);
+    if (threadIdx.x == 0) {
+      partials[2 * o] = acc.x;
+      partials[2 * o + 1] = acc.y;
+    }
+  }
+}
+
+// Stage 1: blocks (x) split each sample (y) of `len` elements.
+template <typename T>
+__global__ void rel_l1_kernel(const typename T::storage *__restrict__ cur,
+                              const typename T::storage *__restrict__ prev,
+                              float *__restrict__ ws, int64_t batch, int64_t len) {
+  constexpr int VEC = vec_of<T>();
+  const int64_t nblk = gridDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = nblk * blockDim.x;
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    const typename T::storage *c = cur + b * len;
+    const typename T::storage *p = prev + b * len;
+    RowSplit s = split_row<T>(c, len);
+    if (!pack_aligned<T, VEC>(p + s.head)) s = scalar_row(len);
+    float2 acc = make_float2(0.f, 0.f);
+    for_each<VEC>(s, len, tid, nthreads, [&](int64_t i, auto w) {
+      constexpr int W = decltype(w)::value;
+      float cv[W], pv[W];
+      load<T, W>(c + i, cv);
+      load<T, W>(p + i, pv);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        acc.x += fabsf(cv[j] - pv[j]);
+        acc.y += fabsf(pv[j]);
+      }
+    });
+    acc = block_sum2(acc);
+    if (threadIdx.x == 0) {
+      ws[(b * nblk + blockIdx.x) * 2] = acc.x;
+      ws[(b * nblk + blockIdx.x) * 2 + 1] = acc.y;
+    }
+  }
+}
+
+int64_t rel_l1_blocks(int sms, int64_t batch, int64_t len, tcf_dtype dtype) {
+  const int vec = 16 / dtype_size(dtype);
+  return blocks_per_sample(sms, batch, ceil_div(ceil_div(len, vec), kThreads));
+}
+
+}  // namespace
+
+tcf_status finish_partials(const char *op, const float *workspace, float *partials,
+                           int64_t outputs, int64_t per_output, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(outputs < kMaxGridY ? outputs : kMaxGridY);
+  finish_partials_kernel<<<grid, kThreads, 0, stream>>>(workspace, partials, outputs, per_output);
+  return check_launch(op);
+}
+
+}  // namespace tcf
+
+using namespace tcf;
+
+extern "C" tcf_status tcf_rel_l1_workspace_size(int64_t batch, int64_t len, tcf_dtype dtype,
+                                                size_t *floats) {
+  const char *op = "tcf_rel_l1_workspace_size";
+  if (floats == nullptr) return fail(TCF_ERROR_INVALID_VALUE, "%s: floats must not be NULL", op);
+  if (!valid_dtype(dtype)) return fail(TCF_ERROR_INVALID_VALUE, "%s: unknown dtype code %d", op, (int)dtype);
+  if (batch < 0 || len < 0)
+    return fail(TCF_ERROR_INVALID_VALUE, "%s: batch (%lld) and len (%lld) must be >= 0", op,
+                (long long)batch, (long long)len);
+  if (batch == 0 || len == 0) {
+    *floats = 0;
+    return ok();
+  }
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return cuda_fail(op, err);
+  *floats = static_cast<size_t>(batch * rel_l1_blocks(sms, batch, len, dtype) * 2);
+  return ok();
+}
+
+extern "C" tcf_status tcf_rel_l1_partials(const void *cur, const void *prev, float *partials,
+                                          int64_t batch, int64_t len, tcf_dtype dtype,
+                                          int per_sample, float *workspace,
+                                          size_t workspace_floats, cudaStream_t stream) {
+  const char *op = "tcf_rel_l1_partials";
+  if (!valid_dtype(dtype))
+    return fail(TCF_ERROR_INVALID_VALUE, "%s: unknown dtype code %d (expected 0 float32, 1 float16, 2 bfloat16)",
+                op, (int)dtype);
+  if (batch < 0 || len < 0)
+    return fail(TCF_ERROR_INVALID_VALUE, "%s: batch (%lld) and len (%lld) must be >= 0", op,
+                (long long)batch, (long long)len);
+  const int64_t outputs = per_sample ? batch : 1;
+  if (outputs > 0 && check_ptr(op, "partials", partials, 4) != TCF_SUCCESS) return TCF_ERROR_INVALID_VALUE;
+  if (batch == 0 || len == 0) {  // empty sums are zero
+    if (outputs == 0) return ok();
+    const cudaError_t err = cudaMemsetAsync(partials, 0, sizeof(float) * 2 * outputs, stream);
+    return err == cudaSuccess ? ok() : cuda_fail(op, err);
+  }
+  const int esize = dtype_size(dtype);
+  if (check_ptr(op, "cur", cur, esize) != TCF_SUCCESS || check_ptr(op, "prev", prev, esize) != TCF_SUCCESS ||
+      check_ptr(op, "workspace", workspace, 4) != TCF_SUCCESS)
+    return TCF_ERROR_INVALID_VALUE;
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return cuda_fail(op, err);
+  const int64_t nblk = rel_l1_blocks(sms, batch, len, dtype);
+  if (workspace_floats < static_cast<size_t>(batch * nblk * 2))
+    return fail(TCF_ERROR_INVALID_VALUE,
+                "%s: workspace holds %zu floats, needs %lld (ask tcf_rel_l1_workspace_size)", op,
+                workspace_floats, (long long)(batch * nblk * 2));
+  const dim3 grid(static_cast<unsigned>(nblk), grid_y(batch));
+  TCF_DISPATCH(dtype, T,
+               rel_l1_kernel<T><<<grid, kThreads, 0, stream>>>(
+                   static_cast<const typename T::storage *>(cur),
+                   static_cast<const typename T::storage *>(prev), workspace, batch, len));
+  const tcf_status st = check_launch(op);
+  if (st != TCF_SUCCESS) return st;
+  return finish_partials(op, workspace, partials, outputs, per_sample ? nblk : batch * nblk, stream);
+}

@@ -1,0 +1,120 @@
+// SPDX-License-Identifier: Apache-2.0
+// residual_capture_ (residual = out - inp) and residual_apply_ (hidden +=
+// residual, optionally per sample): elementwise, fp32 arithmetic, the residual
+// in its own dtype (e.g. an fp32 cache of bf16 activations).
+#include "common.cuh"
+
+namespace tcf {
+namespace {
+
+template <typename T, typename R>
+__global__ void capture_kernel(const typename T::storage *__restrict__ out,
+                               const typename T::storage *__restrict__ inp,
+                               typename R::storage *__restrict__ res, int64_t n) {
+  constexpr int VEC = vec_of<T>();
+  RowSplit s = split_row<T>(out, n);
+  if (!pack_aligned<T, VEC>(inp + s.head) || !pack_aligned<R, VEC>(res + s.head)) s = scalar_row(n);
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for_each<VEC>(s, n, tid, static_cast<int64_t>(gridDim.x) * blockDim.x, [&](int64_t i, auto w) {
+    constexpr int W = decltype(w)::value;
+    float o[W], v[W];
+    load<T, W>(out + i, o);
+    load<T, W>(inp + i, v);
+#pragma unroll
+    for (int j = 0; j < W; ++j) o[j] = __fsub_rn(o[j], v[j]);
+    store<R, W>(res + i, o);
+  });
+}
+
+template <typename T, typename R>
+__global__ void apply_kernel(typename T::storage *__restrict__ hidden,
+                             const typename R::storage *__restrict__ residual,
+                             const uint8_t *__restrict__ mask, int64_t batch, int64_t len) {
+  constexpr int VEC = vec_of<T>();
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    if (mask != nullptr && mask[b] == 0) continue;  // untouched: not even rewritten
+    typename T::storage *h = hidden + b * len;
+    const typename R::storage *r = residual + b * len;
+    RowSplit s = split_row<T>(h, len);
+    if (!pack_aligned<R, VEC>(r + s.head)) s = scalar_row(len);
+    for_each<VEC>(s, len, tid, nthreads, [&](int64_t i, auto w) {
+      constexpr int W = decltype(w)::value;
+      float hv[W], rv[W];
+      load<T, W>(h + i, hv);
+      load<R, W>(r + i, rv);
+#pragma unroll
+      for (int j = 0; j < W; ++j) hv[j] = __fadd_rn(hv[j], rv[j]);
+      store<T, W>(h + i, hv);
+    });
+  }
+}
+
+int64_t elementwise_blocks(int sms, int64_t batch, int64_t len, tcf_dtype dtype) {
+  const int vec = 16 / dtype_size(dtype);
+  return blocks_per_sample(sms, batch, ceil_div(ceil_div(len, vec), kThreads));
+}
+
+tcf_status check_dtypes(const char *op, tcf_dtype dtype, tcf_dtype residual_dtype) {
+  if (!valid_dtype(dtype))
+    return fail(TCF_ERROR_INVALID_VALUE,
+                "%s: unknown dtype code %d (expected 0 float32, 1 float16, 2 bfloat16)", op, (int)dtype);
+  if (!valid_dtype(residual_dtype))
+    return fail(TCF_ERROR_INVALID_VALUE,
+                "%s: unknown residual_dtype code %d (expected 0 float32, 1 float16, 2 bfloat16)", op,
+                (int)residual_dtype);
+  return TCF_SUCCESS;
+}
+
+}  // namespace
+}  // namespace tcf
+
+using namespace tcf;
+
+extern "C" tcf_status tcf_residual_capture(const void *out, const void *inp, void *residual,
+                                           int64_t numel, tcf_dtype dtype,
+                                           tcf_dtype residual_dtype, cudaStream_t stream) {
+  const char *op = "tcf_residual_capture";
+  tcf_status st = check_dtypes(op, dtype, residual_dtype);
+  if (st != TCF_SUCCESS) return st;
+  if (numel < 0) return fail(TCF_ERROR_INVALID_VALUE, "%s: numel must be >= 0, got %lld", op, (long long)numel);
+  if (numel == 0) return ok();
+  const int es = dtype_size(dtype);
+  if (check_ptr(op, "out", out, es) != TCF_SUCCESS || check_ptr(op, "inp", inp, es) != TCF_SUCCESS ||
+      check_ptr(op, "residual", residual, dtype_size(residual_dtype)) != TCF_SUCCESS)
+    return TCF_ERROR_INVALID_VALUE;
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return cuda_fail(op, err);
+  const unsigned grid = static_cast<unsigned>(elementwise_blocks(sms, 1, numel, dtype));
+  TCF_DISPATCH(dtype, T, TCF_DISPATCH(residual_dtype, R,
+      capture_kernel<T, R><<<grid, kThreads, 0, stream>>>(
+          static_cast<const typename T::storage *>(out), static_cast<const typename T::storage *>(inp),
+          static_cast<typename R::storage *>(residual), numel)));
+  return check_launch(op);
+}
+
+extern "C" tcf_status tcf_residual_apply(void *hidden, const void *residual, const uint8_t *mask,
+                                         int64_t batch, int64_t len, tcf_dtype dtype,
+                                         tcf_dtype residual_dtype, cudaStream_t stream) {
+  const char *op = "tcf_residual_apply";
+  tcf_status st = check_dtypes(op, dtype, residual_dtype);
+  if (st != TCF_SUCCESS) return st;
+  if (batch < 0 || len < 0)
+    return fail(TCF_ERROR_INVALID_VALUE, "%s: batch (%lld) and len (%lld) must be >= 0", op,
+                (long long)batch, (long long)len);
+  if (batch * len == 0) return ok();
+  if (check_ptr(op, "hidden", hidden, dtype_size(dtype)) != TCF_SUCCESS ||
+      check_ptr(op, "residual", residual, dtype_size(residual_dtype)) != TCF_SUCCESS)
+    return TCF_ERROR_INVALID_VALUE;
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return cuda_fail(op, err);
+  const dim3 grid(static_cast<unsigned>(elementwise_blocks(sms, batch, len, dtype)), grid_y(batch));
+  TCF_DISPATCH(dtype, T, TCF_DISPATCH(residual_dtype, R,
+      apply_kernel<T, R><<<grid, kThreads, 0, stream>>>(
+          static_cast<typename T::storage *>(hidden), static_cast<const typename R::storage *>(residual),
+          mask, batch, len)));
+  return check_launch(op);
+}

@@ -1,0 +1,118 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * teacache_fast C API: fused TeaCache kernels on raw CUDA device pointers.
+ *
+ * No torch types: a framework passes device pointers, sizes, a dtype code and
+ * a cudaStream_t. Every function checks its arguments before touching CUDA and
+ * returns a status; tcf_last_error() gives a readable message (per thread) for
+ * the last call that did not return TCF_SUCCESS. Kernels are asynchronous on
+ * `stream`; nothing here synchronizes.
+ *
+ * Layouts (all dense, row-major, element-aligned pointers; 16-byte alignment is
+ * used for vector loads when present and is not required):
+ *   x, prev, out      (batch, rows, cols)     one row = `cols` contiguous elements
+ *   scale, shift      (batch or 1, cols)      `*_batch_stride` elements between
+ *                                             samples; 0 broadcasts one row
+ *   cur/prev partials (batch, len)
+ *   partials          fp32, (batch, 2) when per_sample else (2,):
+ *                     [sum |cur - prev|, sum |prev|]
+ * Arithmetic is fp32; reductions are two-stage and fixed-order, so the same
+ * input on the same device gives the same bits on every run.
+ */
+#ifndef TEACACHE_FAST_H_
+#define TEACACHE_FAST_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TCF_API_VERSION 1
+#define TCF_MAX_COEFFICIENTS 9 /* polynomial degree 0..8 */
+
+typedef enum {
+  TCF_FLOAT32 = 0,
+  TCF_FLOAT16 = 1,
+  TCF_BFLOAT16 = 2
+} tcf_dtype;
+
+typedef enum {
+  TCF_NORM_NONE = 0,
+  TCF_NORM_LAYER = 1, /* LayerNorm over cols, no affine */
+  TCF_NORM_RMS = 2    /* RMSNorm over cols, no weight */
+} tcf_norm;
+
+typedef enum {
+  TCF_SUCCESS = 0,
+  TCF_ERROR_INVALID_VALUE = 1, /* a bad argument; nothing was launched */
+  TCF_ERROR_CUDA = 2           /* the CUDA runtime reported an error */
+} tcf_status;
+
+/* Readable message for the last failed call on this thread ("" if none). */
+const char *tcf_last_error(void);
+/* Short name of a status code. */
+const char *tcf_status_string(tcf_status status);
+
+/* TCF_SUCCESS when the current device can run the kernels; otherwise
+ * TCF_ERROR_CUDA with the reason (no device, a driver older than the CUDA
+ * runtime this library was built with, no kernel image for this GPU, ...). */
+tcf_status tcf_device_check(void);
+
+/* Floats of scratch the two-stage reductions need on the current device. */
+tcf_status tcf_rel_l1_workspace_size(int64_t batch, int64_t len, tcf_dtype dtype,
+                                     size_t *floats);
+tcf_status tcf_modulated_rel_l1_workspace_size(int64_t batch, int64_t rows, int64_t cols,
+                                               tcf_dtype dtype, size_t *floats);
+
+/* out = norm(x) * (1 + scale) + shift, rounded to `dtype`. scale/shift may be
+ * NULL; their dtype `param_dtype` is either `dtype` or TCF_FLOAT32. */
+tcf_status tcf_modulate(const void *x, const void *scale, int64_t scale_batch_stride,
+                        const void *shift, int64_t shift_batch_stride, void *out,
+                        int64_t batch, int64_t rows, int64_t cols, tcf_dtype dtype,
+                        tcf_dtype param_dtype, tcf_norm norm, float eps, cudaStream_t stream);
+
+/* partials = [sum |cur - prev|, sum |prev|] over each sample (per_sample) or all. */
+tcf_status tcf_rel_l1_partials(const void *cur, const void *prev, float *partials,
+                               int64_t batch, int64_t len, tcf_dtype dtype, int per_sample,
+                               float *workspace, size_t workspace_floats, cudaStream_t stream);
+
+/* One pass: m = modulate(x, ...) rounded to `dtype`; partials of (m, prev);
+ * prev <- m. Reads x and prev once and writes prev once. */
+tcf_status tcf_modulated_rel_l1(const void *x, const void *scale, int64_t scale_batch_stride,
+                                const void *shift, int64_t shift_batch_stride, void *prev,
+                                float *partials, int64_t batch, int64_t rows, int64_t cols,
+                                tcf_dtype dtype, tcf_dtype param_dtype, tcf_norm norm, float eps,
+                                int per_sample, float *workspace, size_t workspace_floats,
+                                cudaStream_t stream);
+
+/* For each of `count` states: rel = partials[i,0] / partials[i,1];
+ * acc += poly(rel) (Horner in fp32, coefficients highest power first);
+ * compute[i] = force[i] || rel or acc not finite || acc >= threshold ||
+ * (max_skips >= 0 && skips >= max_skips); threshold <= 0 always computes.
+ * state[i] = [acc, consecutive skips] (fp32) is updated in place: a compute
+ * resets both. `coefficients` is a HOST array (copied into the launch);
+ * force may be NULL (no forced step); force/compute are device bytes. */
+tcf_status tcf_teacache_decide(const float *partials, float *state, const float *coefficients,
+                               int num_coefficients, double threshold, const uint8_t *force,
+                               int64_t max_skips, uint8_t *compute, int64_t count,
+                               cudaStream_t stream);
+
+/* residual = out - inp (fp32 arithmetic), residual in its own dtype. */
+tcf_status tcf_residual_capture(const void *out, const void *inp, void *residual, int64_t numel,
+                                tcf_dtype dtype, tcf_dtype residual_dtype, cudaStream_t stream);
+
+/* hidden += residual for the samples whose mask byte is nonzero (all when mask
+ * is NULL); the mask is read on the device. */
+tcf_status tcf_residual_apply(void *hidden, const void *residual, const uint8_t *mask,
+                              int64_t batch, int64_t len, tcf_dtype dtype,
+                              tcf_dtype residual_dtype, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TEACACHE_FAST_H_ */

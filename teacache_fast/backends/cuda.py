@@ -1,0 +1,200 @@
+"""CUDA backend: the compiled kernels of csrc/ through ``teacache_fast._C``.
+
+Same function signatures as :mod:`teacache_fast.backends.torch` (the reference).
+This module checks what the C API cannot see from raw pointers (device, dtype,
+contiguity, shapes), passes ``data_ptr()`` and the current CUDA stream, allocates
+outputs and reduction workspaces with torch (so the caching allocator reuses
+them), and turns a C API error into a ``RuntimeError`` carrying its message.
+Misaligned pointers (e.g. a slice with an odd storage offset) are fine: the
+kernels take 128-bit loads where alignment allows and scalar loads elsewhere.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import BackendUnavailableError
+
+try:
+    _C = importlib.import_module("teacache_fast._C")
+    _IMPORT_ERROR: Optional[ImportError] = None
+except ImportError as exc:  # the pure-Python install: the registry never picks us
+    _C = None
+    _IMPORT_ERROR = exc
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_NORM_CODES = {"none": 0, "layer": 1, "rms": 2}
+
+
+def _lib():
+    if _C is None:
+        raise BackendUnavailableError(f"CUDA extension teacache_fast._C is not built ({_IMPORT_ERROR})")
+    return _C
+
+
+def _check(name: str, t: Tensor, device: Optional[torch.device] = None) -> int:
+    """Check a tensor the kernels read or write; return its dtype code."""
+    if t.device.type != "cuda":
+        raise BackendUnavailableError(f"the CUDA backend needs CUDA tensors, {name} is on {t.device}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    code = _DTYPE_CODES.get(t.dtype)
+    if code is None:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous for the CUDA backend, got strides {t.stride()}")
+    return code
+
+
+def _check_flags(name: str, t: Tensor, count: int, device: torch.device) -> None:
+    if t.dtype != torch.bool or t.device != device or not t.is_contiguous() or t.numel() != count:
+        raise ValueError(f"{name} must be a contiguous bool tensor of {count} elements on {device}, "
+                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _call(fn, *args):
+    try:
+        return fn(*args)
+    except RuntimeError as exc:  # the C API's message, e.g. a CUDA error
+        raise RuntimeError(f"teacache_fast CUDA backend: {exc}") from None
+
+
+def _modulation_params(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]):
+    """(scale, scale_stride, shift, shift_stride, param_code) for the C API.
+
+    The kernels read scale/shift in x's dtype or in fp32; any other mix is
+    upcast to fp32 here, which is exact (the reference computes in fp32 too).
+    """
+    params = [p for p in (scale, shift) if p is not None]
+    for name, p in (("scale", scale), ("shift", shift)):
+        if p is not None:
+            _check(name, p, x.device)
+    if all(p.dtype == x.dtype for p in params):
+        code = _DTYPE_CODES[x.dtype]
+    else:
+        scale = None if scale is None else scale.float()
+        shift = None if shift is None else shift.float()
+        code = _DTYPE_CODES[torch.float32]
+
+    def ptr_stride(p: Optional[Tensor]):
+        if p is None:
+            return 0, 0
+        return p.data_ptr(), (p.shape[-1] if p.shape[0] > 1 else 0)  # batch of 1 broadcasts
+
+    s_ptr, s_stride = ptr_stride(scale)
+    t_ptr, t_stride = ptr_stride(shift)
+    # The caller holds the (possibly upcast) tensors until the launch is queued:
+    # a temporary freed earlier could be handed to the output allocated next.
+    return (scale, shift), s_ptr, s_stride, t_ptr, t_stride, code
+
+
+def modulate(x: Tensor, scale, shift, norm: str, eps: float) -> Tensor:
+    lib = _lib()
+    code = _check("x", x)
+    B, R, C = x.shape
+    keep, s_ptr, s_stride, t_ptr, t_stride, pcode = _modulation_params(x, scale, shift)
+    out = torch.empty_like(x)
+    with torch.cuda.device(x.device):
+        _call(lib.modulate, x.data_ptr(), s_ptr, s_stride, t_ptr, t_stride, out.data_ptr(),
+              B, R, C, code, pcode, _NORM_CODES[norm], float(eps), _stream(x.device))
+    del keep
+    return out
+
+
+def _partials_out(B: int, per_sample: bool, device: torch.device) -> Tensor:
+    return torch.empty((B, 2) if per_sample else (2,), dtype=torch.float32, device=device)
+
+
+def rel_l1_partials(cur: Tensor, prev: Tensor, per_sample: bool) -> Tensor:
+    lib = _lib()
+    code = _check("cur", cur)
+    if _check("prev", prev, cur.device) != code or prev.shape != cur.shape:
+        raise ValueError(f"prev must match cur ({cur.dtype} {tuple(cur.shape)}), "
+                         f"got {prev.dtype} {tuple(prev.shape)}")
+    B, L = cur.shape
+    out = _partials_out(B, per_sample, cur.device)
+    with torch.cuda.device(cur.device):
+        n = _call(lib.rel_l1_workspace_size, B, L, code)
+        ws = torch.empty(max(n, 1), dtype=torch.float32, device=cur.device)
+        _call(lib.rel_l1_partials, cur.data_ptr(), prev.data_ptr(), out.data_ptr(), B, L, code,
+              per_sample, ws.data_ptr(), n, _stream(cur.device))
+    return out
+
+
+def modulated_rel_l1_(x: Tensor, scale, shift, prev: Tensor, norm: str, eps: float,
+                      per_sample: bool) -> Tensor:
+    lib = _lib()
+    code = _check("x", x)
+    if _check("prev", prev, x.device) != code or prev.shape != x.shape:
+        raise ValueError(f"prev must match x ({x.dtype} {tuple(x.shape)}), "
+                         f"got {prev.dtype} {tuple(prev.shape)}")
+    B, R, C = x.shape
+    keep, s_ptr, s_stride, t_ptr, t_stride, pcode = _modulation_params(x, scale, shift)
+    out = _partials_out(B, per_sample, x.device)
+    with torch.cuda.device(x.device):
+        n = _call(lib.modulated_rel_l1_workspace_size, B, R, C, code)
+        ws = torch.empty(max(n, 1), dtype=torch.float32, device=x.device)
+        _call(lib.modulated_rel_l1_, x.data_ptr(), s_ptr, s_stride, t_ptr, t_stride,
+              prev.data_ptr(), out.data_ptr(), B, R, C, code, pcode, _NORM_CODES[norm],
+              float(eps), per_sample, ws.data_ptr(), n, _stream(x.device))
+    del keep
+    return out
+
+
+def teacache_decide_(partials: Tensor, state: Tensor, coefficients: Sequence[float],
+                     threshold: float, force: Tensor, max_skips: int) -> Tensor:
+    lib = _lib()
+    for name, t in (("partials", partials), ("state", state)):
+        if _check(name, t, partials.device) != _DTYPE_CODES[torch.float32] or t.dim() != 2 \
+                or t.shape[-1] != 2:
+            raise ValueError(f"{name} must be a contiguous float32 (S, 2) tensor, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    if state.shape != partials.shape:
+        raise ValueError(f"state must have the shape of partials {tuple(partials.shape)}, "
+                         f"got {tuple(state.shape)}")
+    S = partials.shape[0]
+    _check_flags("force", force, S, partials.device)
+    compute = torch.empty(S, dtype=torch.bool, device=partials.device)
+    with torch.cuda.device(partials.device):
+        _call(lib.teacache_decide_, partials.data_ptr(), state.data_ptr(),
+              [float(c) for c in coefficients], float(threshold), force.data_ptr(),
+              int(max_skips), compute.data_ptr(), S, _stream(partials.device))
+    return compute
+
+
+def residual_capture_(out: Tensor, inp: Tensor, residual: Tensor) -> None:
+    lib = _lib()
+    code = _check("out", out)
+    if _check("inp", inp, out.device) != code or inp.shape != out.shape:
+        raise ValueError(f"inp must match out ({out.dtype} {tuple(out.shape)}), "
+                         f"got {inp.dtype} {tuple(inp.shape)}")
+    rcode = _check("residual", residual, out.device)
+    if residual.numel() != out.numel():
+        raise ValueError(f"residual must have {out.numel()} elements, got {residual.numel()}")
+    with torch.cuda.device(out.device):
+        _call(lib.residual_capture_, out.data_ptr(), inp.data_ptr(), residual.data_ptr(),
+              out.numel(), code, rcode, _stream(out.device))
+
+
+def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor]) -> None:
+    lib = _lib()
+    code = _check("hidden", hidden)
+    rcode = _check("residual", residual, hidden.device)
+    if residual.shape != hidden.shape:
+        raise ValueError(f"residual must have the shape of hidden {tuple(hidden.shape)}, "
+                         f"got {tuple(residual.shape)}")
+    B, L = hidden.shape
+    mask_ptr = 0
+    if mask is not None:
+        _check_flags("mask", mask, B, hidden.device)
+        mask_ptr = mask.data_ptr()
+    with torch.cuda.device(hidden.device):
+        _call(lib.residual_apply_, hidden.data_ptr(), residual.data_ptr(), mask_ptr, B, L, code,
+              rcode, _stream(hidden.device))
