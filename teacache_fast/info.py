@@ -23,12 +23,17 @@ def backend_report() -> dict[str, str]:
     for name in BACKENDS:
         if name == "cuda":
             try:
-                importlib.import_module("teacache_fast._C")
+                ext = importlib.import_module("teacache_fast._C")
             except ImportError as exc:
                 report[name] = f"not built ({exc}); see README 'CUDA extension'"
                 continue
-            report[name] = (f"built, available on {torch.cuda.get_device_name()}" if cuda_device
-                            else "built, no CUDA device")
+            archs = ", ".join(ext.CUDA_ARCHS)
+            if not cuda_device:
+                report[name] = f"built, no CUDA device (compiled for {archs})"
+            else:
+                reason = unavailable_reason("cuda", "cuda")
+                report[name] = (f"built, available on {torch.cuda.get_device_name()} (compiled for {archs})"
+                                if reason is None else f"built (compiled for {archs}), cannot run: {reason}")
             continue
         if name == "triton":
             reason_gpu = unavailable_reason("triton", "cuda")
