@@ -1,0 +1,227 @@
+"""``teacache-fast calibrate``: fit a model's TeaCache polynomial and write a preset file.
+
+Runs K generations without skipping, records the (input, output) relative-L1
+pairs of every step, fits the polynomial and writes to --out:
+
+* ``preset.json``: the preset (``apply_teacache(model, preset="preset.json")``
+  or ``coefficients=load_preset_json(path)["coefficients"]``);
+* ``fit.png``: the pairs, the fitted curve and the residuals;
+* ``recording.npz``: the raw recordings, to refit with another degree or step
+  range without running the model (``Recording.load`` + ``fit_recording``);
+* the threshold -> computed steps table, printed (and in preset.json).
+
+Models: ``--model demo`` (default) is the demo's seeded random-weight FLUX
+transformer; prompts only choose seeds of random text embeddings there, so
+the fit says nothing about a real model, but the command works on a fresh
+machine without downloads. ``--model PATH`` loads a local diffusers pipeline
+folder (the one with model_index.json, text encoders included) and runs the
+pipeline itself on each prompt with ``output_type="latent"``; its transformer
+is calibrated with the preset of its class.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import zlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+from .preset_json import MAX_DEGREE
+
+HELP = "fit a model's TeaCache polynomial from recorded runs and write a preset JSON + plot"
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DEFAULT_PROMPTS = (
+    "a photo of a red fox in the snow", "an isometric illustration of a tiny city",
+    "a watercolor painting of a lighthouse at dusk", "a close-up of a dewy spider web",
+    "a bowl of ramen on a wooden table", "a futuristic train crossing a desert",
+    "an astronaut reading in a library", "a field of sunflowers under storm clouds",
+)
+
+
+def _int_in(flag: str, minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an int, got {text!r}") from None
+        if v < minimum or (maximum is not None and v > maximum):
+            bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+            raise argparse.ArgumentTypeError(f"{flag} must be {bound}, got {v}")
+        return v
+    return parse
+
+
+def _thresholds(text: str) -> List[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--thresholds must be finite numbers >= 0, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = HELP + (
+        "\n\nWrites preset.json, fit.png and recording.npz to --out and prints the "
+        "threshold -> computed steps table.\n"
+        "--model demo (default): the demo's random-weight FLUX transformer, no download; each "
+        "prompt only\n  seeds random text embeddings (run r: prompt r mod P, noise seed --seed + r).\n"
+        "--model PATH: a local diffusers pipeline folder (model_index.json, text encoders included);"
+        "\n  the pipeline runs each prompt with output_type='latent' and its transformer is recorded.")
+    parser.add_argument("--model", default="demo", metavar="PATH_OR_DEMO",
+                        help="'demo' (default) or a local diffusers pipeline folder")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="text file, one prompt per line (blank lines and lines starting with # "
+                             "are skipped); default: 8 built-in prompts. With the demo model a prompt "
+                             "only seeds random text embeddings")
+    parser.add_argument("--steps", type=_int_in("--steps", 2), default=28,
+                        help="sampling steps per run (default 28)")
+    parser.add_argument("--runs", type=_int_in("--runs", 1), default=None,
+                        help="number of generations (default: one per prompt); run r uses prompt "
+                             "r mod P and noise seed --seed + r")
+    parser.add_argument("--degree", type=_int_in("--degree", 0, MAX_DEGREE), default=4,
+                        help="polynomial degree (default 4, as the published presets)")
+    parser.add_argument("--step-range", type=int, nargs=2, default=None, metavar=("START", "END"),
+                        help="fit only the pairs of steps START <= step < END (default: all)")
+    parser.add_argument("--thresholds", type=_thresholds, default=None,
+                        help="comma-separated thresholds for the table (default: a grid from the fit)")
+    parser.add_argument("--variant", default=None,
+                        help="variant name stored in the preset (e.g. your checkpoint's name)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the demo weights and the noise")
+    parser.add_argument("--out", default="teacache-calibration", metavar="DIR",
+                        help="output folder (default ./teacache-calibration)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="demo only: a tiny model (for tests); --steps and --runs still apply")
+
+
+def read_prompts(path: Optional[str]) -> List[str]:
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SystemExit(f"--prompts: cannot read {path!r} ({exc})") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not prompts:
+        raise SystemExit(f"--prompts: {path!r} holds no prompt (one per line)")
+    return prompts
+
+
+def prompt_seed(prompt: str) -> int:
+    """A stable seed for a prompt's random text embeddings (same on every machine)."""
+    return zlib.crc32(prompt.encode("utf-8"))
+
+
+def _device_dtype(args):
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
+    dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")])
+    return device, dtype
+
+
+def demo_setup(args, prompts: List[str]) -> Tuple[object, Callable, Optional[int], str]:
+    """(model, run_fn, num_steps, description) for the demo's random FLUX transformer."""
+    from . import sampling
+
+    device, dtype = _device_dtype(args)
+    config, latent = dict(sampling.DEMO_CONFIG), dict(sampling.DEMO_LATENT)
+    if args.smoke:
+        config.update(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                      joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
+        latent = dict(height=8, width=8, text_len=4)
+    model = sampling.random_flux_transformer(config, seed=args.seed, device=device, dtype=dtype)
+
+    def inputs_for(r: int):
+        shape = (latent["height"], latent["width"], latent["text_len"])
+        text = sampling.make_flux_inputs(model, *shape, seed=prompt_seed(prompts[r % len(prompts)]),
+                                         device=device, dtype=dtype)
+        noise = sampling.make_flux_inputs(model, *shape, seed=args.seed + r, device=device, dtype=dtype)
+        return replace(text, latents=noise.latents)
+
+    def run_fn(m, r: int) -> None:
+        inputs = inputs_for(r)
+        sigmas = sampling.flux_sigmas(args.steps, image_seq_len=inputs.latents.shape[1])
+        sampling.euler_sample(m, inputs, sigmas)
+
+    what = (f"demo random FLUX transformer ({config['num_layers']}+{config['num_single_layers']} blocks), "
+            f"{latent['height'] * latent['width'] // 4} image tokens, {str(dtype).replace('torch.', '')} "
+            f"on {device}")
+    return model, run_fn, args.steps, what
+
+
+def pipeline_setup(args, prompts: List[str]) -> Tuple[object, Callable, Optional[int], str]:
+    """(pipeline, run_fn, None, description) for a local diffusers pipeline folder.
+
+    The pipeline does its own text encoding and scheduling; num_steps is left
+    to the scheduler (some schedulers call the transformer more than once
+    per inference step).
+    """
+    import torch
+
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        raise SystemExit("--model PATH needs diffusers: pip install 'teacache_fast[diffusers]'") from None
+    if not (Path(args.model) / "model_index.json").is_file():
+        raise SystemExit(f"--model: {args.model!r} is neither 'demo' nor a diffusers pipeline folder "
+                         "(no model_index.json in it)")
+    device, dtype = _device_dtype(args)
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)  # our own bar counts the steps
+
+    def run_fn(p, r: int) -> None:
+        generator = torch.Generator(device="cpu").manual_seed(args.seed + r)
+        p(prompt=prompts[r % len(prompts)], num_inference_steps=args.steps, generator=generator,
+          output_type="latent")
+
+    what = f"{args.model} ({type(pipe.transformer).__name__}), {str(dtype).replace('torch.', '')} on {device}"
+    return pipe, run_fn, None, what
+
+
+def run(args: argparse.Namespace) -> int:
+    from .calibrate import CalibrationError, calibrate
+
+    if args.step_range is not None:
+        start, end = args.step_range
+        if not 0 <= start < end:
+            raise SystemExit(f"--step-range needs 0 <= START < END, got {start} {end}")
+    prompts = read_prompts(args.prompts)
+    runs = args.runs or len(prompts)
+    if args.model == "demo":
+        target, run_fn, num_steps, what = demo_setup(args, prompts)
+    else:
+        if args.smoke:
+            raise SystemExit("--smoke applies to --model demo only")
+        target, run_fn, num_steps, what = pipeline_setup(args, prompts)
+    print(f"calibrating {what}: {runs} runs x {args.steps} steps, degree {args.degree}")
+    try:
+        result = calibrate(target, run_fn, runs=runs, num_steps=num_steps, degree=args.degree,
+                           step_range=tuple(args.step_range) if args.step_range else None,
+                           variant=args.variant, progress=True)
+    except CalibrationError as exc:
+        print(f"error: {exc}")
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.to_json(out / "preset.json", thresholds=args.thresholds)
+    result.recording.save(out / "recording.npz")
+    result.plot(out / "fit.png")
+    r2 = "undefined (constant output)" if result.r2 is None else f"{result.r2:.4f}"
+    print(f"coefficients (highest power first): {[float(f'{c:.8g}') for c in result.coefficients]}")
+    print(f"R^2 = {r2} on {result.fit.num_pairs} pairs (steps {result.step_range[0]}.."
+          f"{result.step_range[1] - 1}, branches {result.recording.branches})")
+    print("expected computed steps per threshold (decision replayed on the recorded indicators):")
+    print(result.format_table(args.thresholds))
+    print(f"wrote {out / 'preset.json'}, {out / 'fit.png'}, {out / 'recording.npz'}")
+    return 0
