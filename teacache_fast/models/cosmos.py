@@ -1,0 +1,38 @@
+"""Cosmos (diffusers CosmosTransformer3DModel).
+
+Stack: transformer_blocks, called as block(hidden_states,
+encoder_hidden_states, embedded_timestep, temb, image_rotary_emb,
+extra_pos_emb, attention_mask, controlnet_residual) and returning
+hidden_states. Indicator: block 0's norm1 on h BEFORE the extra position
+embedding each block adds inside. Forced per branch: first and last step.
+"""
+from __future__ import annotations
+
+from .base import Adapter, BlockCall, Modulated, Variant, first_and_last, pick_variant
+
+CLASSES = ("CosmosTransformer3DModel",)
+VARIANTS = {
+    "default": Variant((2.71156237e+02, -9.19775607e+01, 2.24437250e+00, 2.08355751e+00, 1.41776330e-01),
+                       (0.3, 0.4), "Cosmos: 1.4x / 2.0x"),
+}
+DEFAULT_VARIANT = "default"
+
+
+def indicator(call: BlockCall):
+    norm1 = call.model.transformer_blocks[0].norm1
+    x, emb, temb = call["hidden_states"], call["embedded_timestep"], call.get("temb")
+    if emb.dim() != 2:  # per-token timesteps: the modulated input, computed eagerly
+        return norm1(x, emb, temb)[0]
+    e = norm1.linear_2(norm1.linear_1(norm1.activation(emb)))
+    if temb is not None:
+        e = e + temb
+    shift, scale = e.chunk(3, dim=-1)[:2]
+    return Modulated(x, scale, shift, norm="layer", eps=float(norm1.norm.eps))
+
+
+def adapter(model, variant=None) -> Adapter:
+    name, v = pick_variant("Cosmos", VARIANTS, variant, DEFAULT_VARIANT)
+    return Adapter(
+        name="cosmos", variant=name, blocks=lambda m: list(m.transformer_blocks),
+        indicator=indicator, unbatched=("image_rotary_emb",), forced=first_and_last,
+        coefficients=list(v.coefficients), threshold=v.thresholds[0])

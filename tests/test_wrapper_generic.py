@@ -1,0 +1,102 @@
+"""A model without a preset: the caller describes it with an Adapter."""
+import pytest
+import torch
+from torch import nn
+
+import teacache_fast as tf
+from teacache_fast.models import Adapter, Modulated
+
+STEPS = 8
+
+
+class Block(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.mod = nn.Linear(dim, 2 * dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, emb):
+        scale, shift = self.mod(emb).chunk(2, dim=-1)
+        h = nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+        return x + self.mlp(h)
+
+
+class ToyDiT(nn.Module):
+    """Embed, a stack of blocks in two lists, project out: the usual DiT shape."""
+
+    def __init__(self, dim=16, depth=(2, 1)):
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.time = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth[0]))
+        self.late_blocks = nn.ModuleList(Block(dim) for _ in range(depth[1]))
+        self.out = nn.Linear(dim, 4)
+
+    def forward(self, x, timestep):
+        h, emb = self.embed(x), self.time(timestep[:, None])
+        for blk in list(self.blocks) + list(self.late_blocks):
+            h = blk(h, emb)
+        return self.out(h)
+
+
+def toy_adapter():
+    def indicator(call):
+        mod = call.model.blocks[0].mod
+        scale, shift = mod(call["emb"]).chunk(2, dim=-1)
+        return Modulated(call["x"], scale, shift, norm="layer")
+    return Adapter(name="toy", blocks=lambda m: list(m.blocks) + list(m.late_blocks),
+                   indicator=indicator, stream="x")
+
+
+def sample(model, x):
+    s = torch.linspace(1, 0, STEPS + 1)
+    for i in range(STEPS):
+        x = x + (s[i + 1] - s[i]) * model(x, torch.full((x.shape[0],), float(s[i])))
+    return x
+
+
+@pytest.fixture
+def toy():
+    torch.manual_seed(0)
+    return ToyDiT().eval()
+
+
+@torch.no_grad()
+def test_custom_adapter_exact_at_zero_and_skips_above(toy):
+    x0 = torch.randn(2, 6, 4)
+    plain = sample(toy, x0)
+    kw = dict(adapter=toy_adapter(), coefficients=[1.0, 0.0], num_steps=STEPS)
+    with tf.teacache(toy, threshold=0.0, **kw):
+        assert torch.equal(sample(toy, x0), plain)
+    with tf.teacache(toy, threshold=0.3, **kw):
+        cached = sample(toy, x0)
+        st = tf.stats(toy)
+    assert st["preset"] == "toy" and 2 <= st["computed"] < STEPS
+    assert not torch.equal(cached, plain)
+    assert torch.equal(sample(toy, x0), plain)
+
+
+@torch.no_grad()
+def test_custom_adapter_with_an_embedding_indicator(toy):
+    """The indicator may be any tensor, e.g. the time embedding (as for Wan)."""
+    adapter = Adapter(name="toy-emb", blocks=lambda m: list(m.blocks), stream="x",
+                      indicator=lambda call: call["emb"])
+    with tf.teacache(toy, adapter=adapter, threshold=0.5, coefficients=[1.0, 0.0], num_steps=STEPS):
+        sample(toy, torch.randn(1, 6, 4))
+        st = tf.stats(toy)["branches"][0]
+    assert st["steps"][0] and st["steps"][-1] and st["skipped"] > 0
+
+
+def test_custom_adapter_errors(toy):
+    with pytest.raises(ValueError, match="coefficients are required"):
+        tf.apply_teacache(toy, adapter=toy_adapter(), num_steps=STEPS)
+    with pytest.raises(ValueError, match="either adapter= or preset="):
+        tf.apply_teacache(toy, adapter=toy_adapter(), preset="flux", coefficients=[1.0], num_steps=4)
+    with pytest.raises(ValueError, match="passthrough is required"):
+        Adapter(name="bad", blocks=lambda m: [], indicator=lambda c: None, output_index=1)
+    empty = Adapter(name="empty", blocks=lambda m: [], indicator=lambda c: None)
+    with pytest.raises(ValueError, match="found no blocks"):
+        tf.apply_teacache(toy, adapter=empty, coefficients=[1.0], num_steps=4)
+    with pytest.raises(TypeError, match="nn.Module or a pipeline"):
+        tf.apply_teacache(object(), num_steps=4)
+    assert not any("forward" in m.__dict__ for m in toy.modules())
