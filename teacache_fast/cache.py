@@ -42,6 +42,11 @@ class TeaCacheConfig:
     backend: force an ops backend ("torch", "triton", "cuda"); None: automatic.
     observer: called after every computed step as
         observer(branch, step, partials, stream_in, stream_out) (calibration).
+    sync_free: keep the decision on the device and skip with torch.cond (no
+        host read, no graph break: the wrapped model compiles with
+        torch.compile(fullgraph=True) and can be captured in a CUDA graph).
+        Needs num_steps (or a pipeline) and a fixed number of branches
+        (branches=, default 1); not with per_sample, observer or cache_device.
     """
     threshold: float = 0.0
     coefficients: Optional[Sequence[float]] = None
@@ -56,6 +61,7 @@ class TeaCacheConfig:
     branches: Optional[int] = None
     backend: Optional[str] = None
     observer: Optional[Callable[..., None]] = None
+    sync_free: bool = False
 
     def replace(self, **changes) -> "TeaCacheConfig":
         known = {f.name for f in fields(self)}
@@ -96,6 +102,17 @@ class TeaCacheConfig:
             raise ValueError(f"backend must be None or one of {ops.BACKENDS}, got {self.backend!r}")
         if self.observer is not None and not callable(self.observer):
             raise TypeError("observer must be callable or None")
+        if not isinstance(self.sync_free, bool):
+            raise TypeError(f"sync_free must be a bool, got {type(self.sync_free).__name__}")
+        if self.sync_free:
+            # these need the decision on the host: a batch split, a Python
+            # callback, a host-side copy
+            for name, why in (("per_sample", "splits the batch on the host"),
+                              ("observer", "is a host callback on computed steps"),
+                              ("cache_device", "moves residuals off the activations' device")):
+                if getattr(self, name) not in (None, False):
+                    raise ValueError(f"sync_free=True cannot be combined with {name}= (it {why}); "
+                                     f"use sync_free=False for {name}")
         return self
 
     def forced(self, step: int, num_steps: int, rule: Callable[[int, int], bool]) -> bool:
@@ -117,11 +134,13 @@ def decide(partials: Tensor, state: Tensor, config: TeaCacheConfig, force: bool,
            process_group=None) -> Tensor:
     """Partials -> compute flags, on the device, without a host sync.
 
-    The one place where ranks of a sequence-parallel group must agree: an
-    all-reduce (SUM) of the fp32 partials goes right here, before deciding.
+    The one place where ranks of a sequence-parallel group must agree: the
+    fp32 partials are summed over the group right here, before deciding, in
+    rank order (bitwise the same on every rank; see teacache_fast.distributed).
     """
     if process_group is not None:
-        torch.distributed.all_reduce(partials, group=process_group)
+        from .distributed import allreduce_partials_
+        allreduce_partials_(partials, process_group)
     return ops.teacache_decide_(partials, state, config.coefficients, config.threshold,
                                 force=force, max_consecutive_skips=config.max_consecutive_skips)
 
@@ -214,7 +233,30 @@ class BranchState:
     sample_computed: Optional[List[int]] = None
     sample_skipped: Optional[List[int]] = None
     steps: List[bool] = field(default_factory=list)        # per call: computed (all samples)?
-    trace: List[Tensor] = field(default_factory=list)      # device partials, read in stats()
+    # (num_steps, *partials.shape) device partials, NaN where no call wrote;
+    # preallocated so a step adds no tensor to the state; read in stats()
+    trace: Optional[Tensor] = None
+    last_step: int = -1
+
+    # rows preallocated at first: num_steps may be a huge "unbounded" count
+    # (calibration without a known step count); past it the trace doubles
+    TRACE_ROWS = 256
+
+    def record_partials(self, step: int, partials: Tensor, num_steps: int) -> None:
+        """Write the call's partials into row ``step`` of the preallocated trace."""
+        t = self.trace
+        if t is None or t.shape[1:] != partials.shape or t.device != partials.device:
+            t = None
+        if t is None or step >= t.shape[0]:
+            rows = min(num_steps, max(self.TRACE_ROWS, 2 * (t.shape[0] if t is not None else 0),
+                                      step + 1))
+            grown = torch.full((rows,) + tuple(partials.shape), math.nan, dtype=torch.float32,
+                               device=partials.device)
+            if t is not None:
+                grown[:t.shape[0]].copy_(t)
+            self.trace = t = grown
+        t.select(0, step).copy_(partials)
+        self.last_step = max(self.last_step, step)
 
     def record(self, flags: List[bool]) -> None:
         if self.sample_computed is None:
@@ -254,14 +296,18 @@ class CacheState:
         return self.branches[index]
 
     def stats(self) -> Dict[str, Any]:
-        """Counters and the indicator trace; the only place the trace is read back."""
+        """Counters and the indicator trace; the only place the trace is read back.
+
+        ``rel_l1`` has one entry per step up to the last one called (NaN for a
+        step this branch was not called at).
+        """
         out: Dict[str, Any] = {"calls": self.calls, "num_steps": self.num_steps,
                                "generations": self.generations,
                                "computed": 0, "skipped": 0, "branches": {}}
         for index, b in sorted(self.branches.items()):
             rel = []
-            if b.trace:
-                p = torch.stack([t.reshape(-1, 2).float() for t in b.trace]).cpu()
+            if b.trace is not None and b.last_step >= 0:
+                p = b.trace[:b.last_step + 1].reshape(b.last_step + 1, -1, 2).cpu()
                 with torch.no_grad():
                     r = p[..., 0] / p[..., 1]
                 rel = [row[0] if len(row) == 1 else row for row in r.tolist()]

@@ -17,6 +17,10 @@ they were, and removing the attributes restores the original objects):
   ``out - in`` (residual_capture_);
 * per sample, when samples disagree, the blocks run on the computing samples
   only (the batch is sliced at every block) and the others get the residual.
+
+With ``sync_free=True`` the flags are never read: every block runs under
+``torch.cond`` and the span's end selects on the device
+(teacache_fast.sync_free), so the call compiles with ``fullgraph=True``.
 """
 from __future__ import annotations
 
@@ -24,14 +28,18 @@ import contextlib
 import functools
 import inspect
 import numbers
+import os
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, sync_free
 from .cache import BranchState, CacheState, TeaCacheConfig, decide
 from .models.base import Adapter, BlockCall, Modulated, signature_of
+from .preset_json import load_preset_json, looks_like_preset_path
+from .sync_free import SyncFreeBranch
 
 __all__ = ["apply_teacache", "remove_teacache", "reset", "stats", "teacache", "is_cached"]
 
@@ -87,10 +95,21 @@ class _Wrapper:
         self.blocks = blocks
         self.model_forward = model.forward
         self.model_signature = signature_of(model.forward)
+        # sync-free mode: one SyncFreeBranch per branch, calls go round robin
+        self.sf: List[SyncFreeBranch] = []
+        self.sf_next = 0
+        if config.sync_free and config.num_steps is not None:
+            self._sf_build(config.num_steps)
+        # modules whose forward calls inspect.signature(self.processor.__call__)
+        # (diffusers attention): see _sf_warm_signatures
+        self.sf_processors = [mod for b in blocks for mod in b.modules()
+                              if getattr(mod, "processor", None) is not None] if config.sync_free else []
 
     # ------------------------------------------------------------------ install
 
     def install(self) -> None:
+        if self.config.sync_free:
+            return self._sf_install()
         a, m = self.adapter, self.model
         self._shadow(m, "forward", self._model_forward)
         last = len(self.blocks) - 1
@@ -134,6 +153,7 @@ class _Wrapper:
         self._patched, self._handles = [], []
         self.state.reset()
         self.call = None
+        self.sf = []
 
     # ------------------------------------------------------------------ model call
 
@@ -181,6 +201,8 @@ class _Wrapper:
         return _Call(branch, bs, step, cfg.forced(step, st.num_steps, self.adapter.forced))
 
     def _start_generation(self) -> None:
+        if self.config.sync_free:
+            return self._sf_start_generation()
         self.state.reset()
         self.state.generations += 1
         self.new_generation = False
@@ -263,7 +285,7 @@ class _Wrapper:
         host = flags.tolist()  # the one host read of this call
         host = host if isinstance(host, list) else [host] * stream.shape[0]
         bs.record(host)
-        bs.trace.append(partials)
+        bs.record_partials(call.step, partials, self.state.num_steps)
         call.partials, call.flags, call.stream_in, call.batch = partials, flags, stream, stream.shape[0]
         if all(host):
             call.mode = COMPUTE
@@ -307,6 +329,9 @@ class _Wrapper:
             self._observe(call, out)
             return out
         if call.mode == SKIP:
+            # the one activation-sized allocation of a skip, kept on purpose: inp
+            # (and out, its passthrough) belong to the model's code, which may
+            # still hold them (long skip connections), so the sum cannot go in place
             h = inp.clone()
             ops.residual_apply_(h, bs.residual)
             return h
@@ -350,6 +375,158 @@ class _Wrapper:
         if self.config.observer is not None:
             self.config.observer(call.branch, call.step, call.partials, call.stream_in, out)
 
+    # ------------------------------------------------------------------ sync-free mode
+    # The decision never leaves the device: every block runs under torch.cond
+    # and the span's end selects on the device (teacache_fast.sync_free). No
+    # host counter is read inside a call either (only sf_next, which cycles
+    # through the branch indices), so torch.compile(fullgraph=True) gives one
+    # graph per branch for every step.
+
+    def _sf_install(self) -> None:
+        a, m = self.adapter, self.model
+        self._shadow(m, "forward", self._sf_model_forward)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            self._shadow(block, "forward", self._sf_block_forward(block.forward, i, i == last and a.end is None))
+        for module in (a.tail(m) if a.tail is not None else ()):
+            self._shadow(module, "forward", self._sf_tail_forward(module.forward))
+        if a.end is not None:
+            end = a.end(m)
+            self._shadow(end, "forward", self._sf_end_forward(end.forward))
+        for name, get in a.capture.items():
+            self._handles.append(get(m).register_forward_hook(self._capture_hook(name)))
+        if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
+            self._shadow(self.scheduler, "set_timesteps", self._sf_set_timesteps(self.scheduler.set_timesteps))
+
+    def _sf_build(self, num_steps: int) -> None:
+        """Fresh device state for generations of num_steps steps (host side, eager)."""
+        forced = [self.config.forced(s, num_steps, self.adapter.forced) for s in range(num_steps)]
+        device = _model_device(self.model)
+        self.sf = [SyncFreeBranch(forced, device) for _ in range(self.config.branches)]
+        self.sf_next = 0
+        self.state.num_steps = num_steps
+
+    def _sf_start_generation(self) -> None:
+        for br in self.sf:
+            br.reset()
+        self.sf_next = 0
+        self.state.generations += 1
+
+    def _sf_set_timesteps(self, original: Callable) -> Callable:
+        def set_timesteps(*args, **kwargs):
+            out = original(*args, **kwargs)
+            n = _scheduler_steps(self.scheduler)
+            if n is not None and (not self.sf or self.sf[0].schedule.num_steps != n):
+                self._sf_build(n)
+                self.state.generations += 1
+            else:
+                self._sf_start_generation()
+            return out
+        return set_timesteps
+
+    def _sf_model_forward(self, *args, **kwargs):
+        if not self.sf:
+            raise RuntimeError("TeaCache sync_free=True needs num_steps: pass apply_teacache(..., "
+                               "num_steps=N) or apply it to a pipeline and call its scheduler's "
+                               "set_timesteps first")
+        branch = self.sf_next
+        self.sf_next = (branch + 1) % len(self.sf)
+        self.call = self.sf[branch]
+        self.call.captured = {}
+        try:
+            if self.config.backend:
+                with ops.use_backend(self.config.backend):
+                    return self.model_forward(*args, **kwargs)
+            return self.model_forward(*args, **kwargs)
+        finally:
+            self.call = None
+
+    def _sf_decide(self, br: SyncFreeBranch, original: Callable, args: tuple, kwargs: dict) -> None:
+        cfg = self.config
+        first = BlockCall(original, args, kwargs, self.model, br.captured)
+        stream = first[self.adapter.stream]
+        indicator = self.adapter.indicator(first)
+        if isinstance(indicator, Modulated):
+            x = indicator.x
+            how = dict(scale=indicator.scale, shift=indicator.shift, norm=indicator.norm, eps=indicator.eps)
+        elif isinstance(indicator, Tensor):
+            x, how = indicator, dict(norm=None)
+        else:
+            raise TypeError(f"the indicator of adapter {self.adapter.name!r} must be a Modulated or "
+                            f"a Tensor, got {type(indicator).__name__}")
+        if torch.compiler.is_compiling():
+            self._sf_warm_signatures()
+        br.prepare(x, stream, cfg.cache_dtype)
+        forced, step = br.schedule.next()
+        compute, partials = sync_free.decide_with_partials(
+            x, br.prev, br.state, cfg.coefficients, cfg.threshold, force=forced,
+            max_consecutive_skips=cfg.max_consecutive_skips, process_group=self.process_group, **how)
+        br.record(step, compute, partials)
+        br.compute, br.stream_in = compute, stream
+
+    def _sf_warm_signatures(self) -> None:
+        """Works around a Dynamo bug (torch 2.13): its inspect.signature cache
+        is shared by all torch.cond subgraphs of a trace, but an entry made
+        inside one subgraph loses its attributes after it ("'Signature' object
+        has no attribute '_parameters'" at the next cond whose block asks for
+        the same signature, as every diffusers attention module does). Made
+        here, outside any cond, the entries are valid everywhere. Free: only
+        traced, never run."""
+        for mod in self.sf_processors:
+            inspect.signature(mod.processor.__call__)
+
+    def _sf_block_forward(self, original: Callable, index: int, ends_span: bool) -> Callable:
+        def forward(*args, **kwargs):
+            br = self.call
+            if br is None:
+                return original(*args, **kwargs)
+            if index == 0:
+                self._sf_decide(br, original, args, kwargs)
+            # built outside the cond: the skip branch closes over the inputs
+            skipped = self.adapter.skip_output(BlockCall(original, args, kwargs, self.model))
+            out = sync_free.run_or_pass(br.compute, original, lambda *a, **k: skipped, *args, **kwargs)
+            if ends_span:
+                stream = sync_free.finish_span_(br.compute, self.adapter.output_stream(out),
+                                                br.stream_in, br.residual)
+                out = self.adapter.with_stream(out, stream)
+            return out
+        return forward
+
+    def _sf_tail_forward(self, original: Callable) -> Callable:
+        def forward(*args, **kwargs):
+            br = self.call
+            if br is None:
+                return original(*args, **kwargs)
+            first = args[0] if args else next(iter(kwargs.values()))
+            return sync_free.run_or_pass(br.compute, original, lambda *a, **k: first, *args, **kwargs)
+        return forward
+
+    def _sf_end_forward(self, original: Callable) -> Callable:
+        def forward(x, *args, **kwargs):
+            br = self.call
+            if br is not None:
+                # a copy: x may be a tensor the model still holds
+                x = sync_free.finish_span_(br.compute, x.clone(), br.stream_in, br.residual)
+            return original(x, *args, **kwargs)
+        return forward
+
+    def sf_stats(self) -> Dict[str, Any]:
+        """stats() in sync-free mode: the device counters and traces, read now."""
+        st = self.state
+        out: Dict[str, Any] = {"calls": 0, "num_steps": st.num_steps, "computed": 0, "skipped": 0,
+                               "branches": {}}
+        wraps = 0
+        for index, br in enumerate(self.sf):
+            b = br.stats()
+            out["calls"] += b.pop("calls")
+            wraps = max(wraps, b.pop("wraps"))
+            if b["steps"]:
+                out["branches"][index] = b
+                out["computed"] += b["computed"]
+                out["skipped"] += b["skipped"]
+        out["generations"] = st.generations + wraps
+        return out
+
     # ------------------------------------------------------------------ per-sample slicing
 
     def _select(self, call: _Call, original: Callable, args: tuple, kwargs: dict):
@@ -389,10 +566,18 @@ def _bind(sig: Optional[inspect.Signature], args: tuple, kwargs: dict) -> Dict[s
 
 
 def _timestep_value(t: Any, must_read: bool) -> Optional[float]:
-    """The call's timestep on the host, when reading it is free (CPU) or needed."""
+    """The call's timestep on the host, when reading it is free (CPU) or needed.
+
+    Under torch.compile a read is a graph break, so a CPU tensor is then read
+    only when needed (learning the branches), as a CUDA one always is; new
+    generations are still spotted by the step count wrapping, set_timesteps
+    and shape changes.
+    """
     if isinstance(t, numbers.Real) and not isinstance(t, bool):
         return float(t)
-    if isinstance(t, Tensor) and t.numel() > 0 and (t.device.type == "cpu" or must_read):
+    if not isinstance(t, Tensor) or t.numel() == 0:
+        return None
+    if must_read or (t.device.type == "cpu" and not torch.compiler.is_compiling()):
         return float(t.reshape(-1)[0])
     return None
 
@@ -420,6 +605,32 @@ def _resolve_target(module: Any):
                     f"got {type(module).__name__}")
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    """Where the model's activations will live: its first parameter's device."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _load_fitted(path: Any, model: nn.Module, has_threshold: bool) -> dict:
+    """Read a ``teacache-fast calibrate`` JSON for ``preset=path`` and check it fits."""
+    data = load_preset_json(path)
+    if not has_threshold:
+        rows = data.get("thresholds") or []
+        table = ", ".join(f"{r.get('threshold')} -> {r.get('computed_steps')}" for r in rows
+                          if isinstance(r, dict))
+        hint = (f"; its 'thresholds' table (threshold -> expected computed steps): {table}"
+                if table else "; it has no 'thresholds' table, see `teacache-fast calibrate`")
+        raise ValueError(f"preset={os.fspath(path)!r} is a fitted polynomial with no default "
+                         f"threshold: pass threshold={hint}")
+    names = [c.__name__ for c in type(model).__mro__]
+    if data["model_class"] not in names:
+        warnings.warn(f"preset file {os.fspath(path)!r} was fitted on {data['model_class']}, "
+                      f"not on {type(model).__name__}: its coefficients may not fit this model",
+                      stacklevel=3)
+    return data
+
+
 def _wrapper(module: Any) -> _Wrapper:
     model, _ = _resolve_target(module)
     w = model.__dict__.get(_ATTR)
@@ -436,21 +647,36 @@ def is_cached(module: Any) -> bool:
 def apply_teacache(module: Any, config: Optional[TeaCacheConfig] = None, *,
                    threshold: Optional[float] = None, preset: Optional[str] = None,
                    variant: Optional[str] = None, adapter: Optional[Adapter] = None,
-                   **overrides) -> nn.Module:
+                   process_group: Any = None, **overrides) -> nn.Module:
     """Attach TeaCache to a transformer (or a diffusers pipeline's transformer).
 
     config: a TeaCacheConfig; ``overrides`` (any of its fields) replace its
     fields. threshold: the skip threshold (default: config's, else the
     preset's first published one). preset / variant: pick a preset by name
     instead of by model class, and one of its variants (e.g. Wan's
-    "t2v-14b"). adapter: a custom :class:`~teacache_fast.models.Adapter` for
-    models without a preset. Returns the transformer.
+    "t2v-14b"). preset="path/to.json": the coefficients fitted by
+    ``teacache-fast calibrate`` (unless coefficients= is given); threshold=
+    is then required (pick one from the file's thresholds table), and the
+    adapter still comes from the model's class (or adapter=). adapter: a
+    custom :class:`~teacache_fast.models.Adapter` for models without a
+    preset. sync_free=True (a TeaCacheConfig field): the skip is a torch.cond
+    and the decision never reaches the host, so the model compiles with
+    torch.compile(fullgraph=True). process_group: a torch.distributed group whose
+    ranks each hold a token shard of the same call (sequence / context
+    parallel): the indicator's partial sums are added over it before every
+    decision, so all ranks take bitwise the same decision (see
+    teacache_fast.distributed; NCCL groups for CUDA activations, gloo for
+    CPU). None: no communication. Returns the transformer.
     """
     from .models import adapter_for  # models import this module's siblings only
     model, scheduler = _resolve_target(module)
     if _ATTR in model.__dict__:
         raise RuntimeError(f"TeaCache is already attached to this {type(model).__name__}; "
                            "call remove_teacache first")
+    fitted = None  # a calibrated JSON preset: its coefficients, the model's own adapter
+    if looks_like_preset_path(preset):
+        fitted = _load_fitted(preset, model, threshold is not None or config is not None)
+        preset = None
     if adapter is None:
         adapter = adapter_for(model, preset=preset, variant=variant)
     elif preset is not None or variant is not None:
@@ -462,13 +688,18 @@ def apply_teacache(module: Any, config: Optional[TeaCacheConfig] = None, *,
     cfg = cfg.replace(**overrides)
     if threshold is not None:
         cfg = cfg.replace(threshold=threshold)
+    if cfg.sync_free and cfg.branches is None:
+        cfg = cfg.replace(branches=1)  # sync-free calls go round robin: no timestep read
     if cfg.coefficients is None:
-        cfg = cfg.replace(coefficients=adapter.coefficients)
+        cfg = cfg.replace(coefficients=fitted["coefficients"] if fitted else adapter.coefficients)
     cfg.validate()
     if cfg.num_steps is None and scheduler is None:
         raise ValueError("num_steps is required (transformer calls per branch in one generation), "
                          "unless apply_teacache is given the pipeline")
-    w = _Wrapper(model, adapter, cfg, scheduler=scheduler)
+    if process_group is not None:
+        from .distributed import check_process_group
+        check_process_group(process_group, _model_device(model))
+    w = _Wrapper(model, adapter, cfg, scheduler=scheduler, process_group=process_group)
     model.__dict__[_ATTR] = w
     try:
         w.install()
@@ -499,7 +730,7 @@ def stats(module: Any) -> Dict[str, Any]:
     branch's first call); reading it is the only host sync of the trace.
     """
     w = _wrapper(module)
-    out = w.state.stats()
+    out = w.sf_stats() if w.config.sync_free else w.state.stats()
     out.update(threshold=w.config.threshold, preset=w.adapter.name, variant=w.adapter.variant)
     return out
 

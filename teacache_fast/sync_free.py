@@ -41,7 +41,8 @@ from torch.utils import _pytree as pytree
 
 from . import ops
 
-__all__ = ["DeviceSchedule", "decide", "run_or_pass", "finish_span_", "sync_free_step"]
+__all__ = ["DeviceSchedule", "SyncFreeBranch", "decide", "decide_with_partials", "run_or_pass",
+           "finish_span_", "sync_free_step"]
 
 
 class DeviceSchedule:
@@ -69,10 +70,19 @@ class DeviceSchedule:
 
     def tick(self) -> Tensor:
         """The 0-d bool 'forced' flag of this call; advances the counter (no host read)."""
+        return self.next()[0]
+
+    def next(self):
+        """(forced, step): the call's 0-d bool flag and its (1,) long step index."""
         step = torch.remainder(self.calls, self.num_steps).reshape(1)
         self.calls.add_(1)
         # index_select, not forced[step]: indexing by a 0-d tensor reads it on the host
-        return self.forced.index_select(0, step).reshape(())
+        return self.forced.index_select(0, step).reshape(()), step
+
+    def to(self, device) -> "DeviceSchedule":
+        """Move the table and the counter (e.g. when the model moved after apply)."""
+        self.forced, self.calls = self.forced.to(device), self.calls.to(device)
+        return self
 
     def reset(self) -> None:
         self.calls.zero_()
@@ -90,6 +100,18 @@ def decide(indicator: Tensor, prev: Tensor, state: Tensor, coefficients: Sequenc
     be a Python bool (a constant under compile) or a 0-d bool tensor.
     process_group: all-reduce the partials over it first (sequence parallel).
     """
+    return decide_with_partials(indicator, prev, state, coefficients, threshold, force=force,
+                                scale=scale, shift=shift, norm=norm, eps=eps,
+                                max_consecutive_skips=max_consecutive_skips,
+                                process_group=process_group)[0]
+
+
+def decide_with_partials(indicator: Tensor, prev: Tensor, state: Tensor,
+                         coefficients: Sequence[float], threshold: float, *, force=False,
+                         scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                         norm: Optional[str] = "layer", eps: float = 1e-6,
+                         max_consecutive_skips: Optional[int] = None, process_group=None):
+    """:func:`decide`, also returning the fp32 ``(2,)`` partials (for a trace)."""
     if norm is None:
         partials = ops.rel_l1_partials(indicator, prev)
         prev.copy_(indicator)
@@ -98,13 +120,17 @@ def decide(indicator: Tensor, prev: Tensor, state: Tensor, coefficients: Sequenc
     if process_group is not None:
         from .distributed import allreduce_partials_
         allreduce_partials_(partials, process_group)
-    return ops.teacache_decide_(partials, state, coefficients, threshold, force=force,
+    flag = ops.teacache_decide_(partials, state, coefficients, threshold, force=force,
                                 max_consecutive_skips=max_consecutive_skips)
+    return flag, partials
 
 
 def _clone_tensors(tree: Any) -> Any:
-    # torch.cond branches may not return their inputs as they are.
-    return pytree.tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, tree)
+    # torch.cond branches may not return their inputs as they are, and both
+    # branches must give the same strides (a block may return a slice, e.g.
+    # FLUX's single blocks split the joint sequence): contiguous copies.
+    return pytree.tree_map(lambda v: v.clone(memory_format=torch.contiguous_format)
+                           if isinstance(v, Tensor) else v, tree)
 
 
 def run_or_pass(compute: Tensor, block: Callable[..., Any], passthrough: Callable[..., Any],
@@ -162,3 +188,66 @@ def sync_free_step(compute: Tensor, hidden: Tensor, residual: Tensor,
     """
     out = run_or_pass(compute, run_blocks, lambda h, *_: h, hidden, *operands)
     return finish_span_(compute, out, hidden, residual)
+
+
+class SyncFreeBranch:
+    """All device state of one CFG branch in the wrapper's sync-free mode.
+
+    The schedule, the indicator's previous value, the decision state, the
+    residual, and per-step traces of the compute flag and the partials
+    (preallocated, written at the device step index; read only by
+    :meth:`stats`). Buffers that depend on the activations' shape are made on
+    the first call and remade when the shape changes (that call is then
+    forced: the schedule restarts at step 0).
+    """
+
+    def __init__(self, forced: Sequence[bool], device=None):
+        self.schedule = DeviceSchedule(forced, device)
+        n = self.schedule.num_steps
+        self.flags = torch.zeros(n, dtype=torch.bool, device=device)
+        self.partials = torch.full((n, 2), float("nan"), dtype=torch.float32, device=device)
+        self.prev: Optional[Tensor] = None
+        self.state: Optional[Tensor] = None
+        self.residual: Optional[Tensor] = None
+        # per call (set by the first block, read by the span's end)
+        self.compute: Optional[Tensor] = None
+        self.stream_in: Optional[Tensor] = None
+        self.captured: dict = {}
+
+    def prepare(self, x: Tensor, stream: Tensor, cache_dtype=None) -> None:
+        """Buffers for an indicator like ``x`` and a stream like ``stream``."""
+        dtype = cache_dtype or stream.dtype
+        if self.schedule.forced.device != x.device:
+            self.schedule.to(x.device)
+            self.flags, self.partials = self.flags.to(x.device), self.partials.to(x.device)
+        if (self.prev is None or self.prev.shape != x.shape or self.prev.dtype != x.dtype
+                or self.prev.device != x.device or self.residual.shape != stream.shape
+                or self.residual.dtype != dtype):
+            self.prev = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+            self.state = ops.new_decide_state((2,), x.device)
+            self.residual = torch.zeros(stream.shape, dtype=dtype, device=stream.device)
+            self.schedule.reset()
+
+    def record(self, step: Tensor, compute: Tensor, partials: Tensor) -> None:
+        """Write the call's flag and partials at its device step index."""
+        self.flags.index_copy_(0, step, compute.reshape(1))
+        self.partials.index_copy_(0, step, partials.reshape(1, 2))
+
+    def reset(self) -> None:
+        """A new generation: restart at step 0 (forced, so the cache refills)."""
+        self.schedule.reset()
+        if self.prev is not None:
+            self.prev.zero_()
+
+    def stats(self) -> dict:
+        """This generation's steps so far: the one host read of the traces."""
+        calls = int(self.schedule.calls)
+        n = (calls - 1) % self.schedule.num_steps + 1 if calls else 0
+        steps = self.flags[:n].tolist()
+        p = self.partials[:n].cpu()
+        computed = sum(steps)
+        batch = self.residual.shape[0] if self.residual is not None else 0
+        return {"calls": calls, "wraps": max(0, calls - 1) // self.schedule.num_steps,
+                "computed": computed, "skipped": n - computed, "steps": steps,
+                "sample_computed": [computed] * batch, "sample_skipped": [n - computed] * batch,
+                "rel_l1": (p[:, 0] / p[:, 1]).tolist()}

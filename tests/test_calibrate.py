@@ -284,8 +284,7 @@ def test_preset_json_loads_back_and_replay_predicts_the_cached_run(tiny, calibra
         predicted = calibrated.predict(row["threshold"])  # (runs, branches, steps)
         assert predicted.sum(-1).mean() == pytest.approx(row["computed_steps"])
         for r in range(3):
-            hooks.apply_teacache(tiny.model, threshold=row["threshold"], coefficients=data["coefficients"],
-                                 num_steps=STEPS)
+            hooks.apply_teacache(tiny.model, preset=str(path), threshold=row["threshold"], num_steps=STEPS)
             try:
                 _cfg_sample(tiny, r)
                 st = hooks.stats(tiny.model)
@@ -299,6 +298,45 @@ def test_preset_json_loads_back_and_replay_predicts_the_cached_run(tiny, calibra
             exact += int(st["computed"] == predicted[r].sum())
     # measured here: 8 of 9 counts exact; a borderline decision after a skip may flip
     assert exact >= 2 * len(table[:3])
+
+
+def _preset_file(tmp_path, model_class="FluxTransformer2DModel", thresholds=None):
+    data = {"model_class": model_class, "coefficients": [2.0, 0.0], "degree": 1}
+    if thresholds is not None:
+        data["thresholds"] = thresholds
+    path = tmp_path / "fitted.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_preset_json_needs_a_threshold_and_names_the_table(tiny, tmp_path):
+    path = _preset_file(tmp_path, thresholds=[{"threshold": 0.3, "computed_steps": 7.5}])
+    with pytest.raises(ValueError, match=r"no default threshold: pass threshold=.*0\.3 -> 7\.5"):
+        hooks.apply_teacache(tiny.model, preset=path, num_steps=STEPS)
+    with pytest.raises(ValueError, match="no 'thresholds' table"):
+        hooks.apply_teacache(tiny.model, preset=_preset_file(tmp_path), num_steps=STEPS)
+    assert not hooks.is_cached(tiny.model)
+
+
+def test_preset_json_coefficients_adapter_and_class_warning(tiny, tmp_path):
+    path = _preset_file(tmp_path)
+    hooks.apply_teacache(tiny.model, preset=path, threshold=0.5, num_steps=STEPS)
+    try:
+        w = tiny.model.__dict__[hooks._ATTR]
+        assert list(w.config.coefficients) == [2.0, 0.0] and w.adapter.name == "flux"
+    finally:
+        hooks.remove_teacache(tiny.model)
+    hooks.apply_teacache(tiny.model, preset=path, threshold=0.5, coefficients=[1.0, 0.0], num_steps=STEPS)
+    try:
+        assert list(tiny.model.__dict__[hooks._ATTR].config.coefficients) == [1.0, 0.0]
+    finally:
+        hooks.remove_teacache(tiny.model)
+    with pytest.warns(UserWarning, match="fitted on WanTransformer3DModel, not on FluxTransformer2DModel"):
+        hooks.apply_teacache(tiny.model, preset=_preset_file(tmp_path, "WanTransformer3DModel"),
+                             threshold=0.5, num_steps=STEPS)
+    hooks.remove_teacache(tiny.model)
+    with pytest.raises(PresetFileError, match="no such file"):
+        hooks.apply_teacache(tiny.model, preset=str(tmp_path / "nope.json"), threshold=0.5, num_steps=STEPS)
 
 
 def test_replay_is_exact_step_by_step_when_inputs_are_the_recorded_ones(tiny):

@@ -146,15 +146,9 @@ def test_explain_no_break_inside_ops_and_only_the_wrapper_reads():
     sites = _break_sites(_explain_third_call())
     inside_ops = [s for s in sites if s[0].startswith(("ops.py", "backends/", "kernels/"))]
     assert not inside_ops, inside_ops
-    # Breaks come only from the wrapper's host reads: the decision flags, and
-    # (today) the timestep it reads on CPU to spot a new generation.
-    assert {s[1] for s in sites} <= {"_decide", "_timestep_value"}, sites
     assert ("hooks.py", "_decide") in sites
 
 
-@pytest.mark.xfail(strict=True, reason="hooks._timestep_value reads a CPU timestep with float() on "
-                   "every call, also under torch.compile: a second graph break per step "
-                   "(fix described in the issue-8 helper report)")
 def test_explain_one_break_site_per_step():
     assert _break_sites(_explain_third_call()) == {("hooks.py", "_decide")}
 

@@ -67,12 +67,10 @@ def _run(xs, scale, shift, per_sample, token_slice=slice(None), group=None, per_
 
 def _model_runs(tokens=slice(None), group=None):
     """The tiny DiT of test_compile (per-token blocks, so a token shard is
-    exact) through the wrapper, with the partials crossing ranks.
-
-    The wrapper has no process_group argument yet: the group is set on its
-    _Wrapper, which passes it to cache.decide (the all-reduce point).
+    exact) through the wrapper, with the partials crossing ranks
+    (apply_teacache(..., process_group=group)).
     """
-    from teacache_fast.hooks import _ATTR, apply_teacache, remove_teacache, stats
+    from teacache_fast.hooks import apply_teacache, remove_teacache, stats
     from test_compile import ADAPTER, THRESHOLD as T, TinyDiT
 
     x = torch.randn(B, N, 4, generator=torch.Generator().manual_seed(5))[:, tokens].contiguous()
@@ -80,8 +78,7 @@ def _model_runs(tokens=slice(None), group=None):
     sig = torch.linspace(1.0, 0.0, len(DRIFTS) + 1).tolist()
     times = [torch.full((x.shape[0],), s) for s in sig[:-1]]
     with torch.no_grad():
-        apply_teacache(model, adapter=ADAPTER, threshold=T, num_steps=len(times))
-        model.__dict__[_ATTR].process_group = group
+        apply_teacache(model, adapter=ADAPTER, threshold=T, num_steps=len(times), process_group=group)
         outs = [model(x + 0.1 * i, t) for i, t in enumerate(times)]
         steps = stats(model)["branches"][0]["steps"]
         remove_teacache(model)
@@ -182,6 +179,15 @@ def test_sharded_decisions_match_single_process(tmp_path):
 def test_backend_string_per_device(backend, device, expected):
     from teacache_fast.distributed import _backend_for_device
     assert _backend_for_device(backend, device) == expected
+
+
+def test_apply_teacache_checks_the_group():
+    from teacache_fast.hooks import apply_teacache, is_cached
+    from test_compile import ADAPTER, TinyDiT
+    model = TinyDiT()
+    with pytest.raises(RuntimeError, match="process_group: torch.distributed is not initialized"):
+        apply_teacache(model, adapter=ADAPTER, num_steps=4, process_group=object())
+    assert not is_cached(model)
 
 
 def test_not_initialized_is_a_clear_error():

@@ -84,8 +84,6 @@ def test_buffers_are_allocated_once_and_reused(tiny):
     assert all(snapshot == seen[0] for snapshot in seen[1:]), seen
 
 
-@pytest.mark.xfail(strict=True, reason="BranchState.trace appends every call's partials (one new "
-                   "device tensor per step, kept until reset); see the helper report, issue 8")
 def test_state_holds_no_per_step_tensors(tiny):
     counts = []
     with tf.teacache(tiny.model, threshold=0.6, num_steps=12):
