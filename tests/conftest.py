@@ -14,6 +14,10 @@ import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# The tests run tiny tensors, for which intra-op threads only add overhead; on
+# a loaded 2-core machine they made tiny-model tests 10-50x slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _clean_backend_env(monkeypatch):
