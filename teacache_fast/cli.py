@@ -11,7 +11,10 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
+    "calibrate": "teacache_fast.calibrate_cli",
     "info": "teacache_fast.info",
+    "bench": "teacache_fast.bench_ops",
+    "demo": "teacache_fast.demo",
 }
 
 
