@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 # Elements processed per chunk: big enough to amortise op dispatch, small enough
 # that fp32 temporaries (~1 MiB each) stay in cache.
@@ -26,14 +27,12 @@ def _rows_per_chunk(width: int) -> int:
 
 
 def _normalize(x32: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """A fresh fp32 buffer holding norm(x32) (the caller modifies it in place)."""
     if norm == "layer":
-        mean = x32.mean(dim=-1, keepdim=True)
-        centered = x32 - mean
-        var = centered.square().mean(dim=-1, keepdim=True)
-        return centered * torch.rsqrt(var + eps)
+        return F.layer_norm(x32, x32.shape[-1:], eps=eps)
     if norm == "rms":
-        return x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + eps)
-    return x32
+        return F.rms_norm(x32, x32.shape[-1:], eps=eps)
+    return x32.clone()
 
 
 def _modulate_chunk(x: torch.Tensor, scale1p: torch.Tensor | None, shift: torch.Tensor | None,
@@ -41,9 +40,9 @@ def _modulate_chunk(x: torch.Tensor, scale1p: torch.Tensor | None, shift: torch.
     """fp32 ``norm(x) * (1 + scale) + shift`` of a (rows, C) chunk of one sample."""
     m = _normalize(x.float(), norm, eps)
     if scale1p is not None:
-        m = m * scale1p
+        m.mul_(scale1p)
     if shift is not None:
-        m = m + shift
+        m.add_(shift)
     return m
 
 
@@ -83,25 +82,35 @@ def rel_l1_partials(cur, prev, per_sample: bool) -> torch.Tensor:
         for i in range(0, L, step):
             c = cur[b, i:i + step].float()
             p = prev[b, i:i + step].float()
-            sums.append(torch.stack(((c - p).abs().sum(), p.abs().sum())))
+            sums.append(torch.stack(((c - p).abs_().sum(), p.abs().sum())))
     return _finish(sums, per_sample, B, cur.device)
 
 
 def modulated_rel_l1_(x, scale, shift, prev, norm: str, eps: float, per_sample: bool) -> torch.Tensor:
     B, R, C = x.shape
     step = _rows_per_chunk(C)
+    low_precision = prev.dtype != torch.float32
     sums = []
     for b in range(B):
         s, t = _sample_params(scale, shift, b)
         for r0 in range(0, R, step):
             m = _modulate_chunk(x[b, r0:r0 + step], s, t, norm, eps)
+            p = prev[b, r0:r0 + step]
             # The indicator compares prev with m rounded to the storage dtype, so
-            # every backend reads back exactly what it wrote.
-            m = m.to(prev.dtype)
-            p_slice = prev[b, r0:r0 + step]
-            p = p_slice.float()
-            sums.append(torch.stack(((m.float() - p).abs().sum(), p.abs().sum())))
-            p_slice.copy_(m)
+            # every backend reads back exactly what it wrote. In-place arithmetic
+            # on chunk-sized buffers keeps every pass in cache.
+            if low_precision:
+                stored = m.to(p.dtype)
+                m.copy_(stored)                       # m now holds the stored values, exactly
+                p32 = p.float()
+                diff_l1 = m.sub_(p32).abs_().sum()
+                prev_l1 = p32.abs_().sum()
+                p.copy_(stored)
+            else:
+                prev_l1 = p.abs().sum()
+                diff_l1 = p.sub_(m).abs_().sum()      # |prev - m| in prev's storage...
+                p.copy_(m)                            # ...which then takes the new m
+            sums.append(torch.stack((diff_l1, prev_l1)))
     return _finish(sums, per_sample, B, x.device)
 
 
@@ -131,13 +140,21 @@ def teacache_decide_(partials, state, coefficients, threshold: float, force, max
 
 
 def residual_capture_(out, inp, residual) -> None:
+    if residual.dtype == out.dtype:
+        # torch computes 16-bit subtraction in fp32 and rounds once: the contract
+        torch.sub(out, inp, out=residual)
+        return
     L = out.numel()
     step = _CHUNK_ELEMS
-    for i in range(0, L, step):
-        residual[i:i + step] = (out[i:i + step].float() - inp[i:i + step].float())
+    for i in range(0, L, step):  # another cache dtype: fp32 difference, rounded once
+        torch.sub(out[i:i + step].float(), inp[i:i + step].float(), out=residual[i:i + step])
 
 
 def residual_apply_(hidden, residual, mask) -> None:
+    if mask is None:
+        # in-place add with type promotion: fp32 arithmetic, one rounding to hidden's dtype
+        hidden.add_(residual)
+        return
     B, L = hidden.shape
     step = _CHUNK_ELEMS
     for b in range(B):
@@ -145,6 +162,6 @@ def residual_apply_(hidden, residual, mask) -> None:
             h = hidden[b, i:i + step]
             h32 = h.float()
             new = h32 + residual[b, i:i + step].float()
-            if mask is not None:  # torch.where keeps the mask on the device: no host sync
-                new = torch.where(mask[b], new, h32)
-            h.copy_(new)
+            # torch.where keeps the mask on the device (no host sync) and leaves
+            # masked-out samples bit for bit as they were
+            h.copy_(torch.where(mask[b], new, h32))
