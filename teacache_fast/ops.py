@@ -75,6 +75,15 @@ def _check_same_shape(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
                          f"got {tuple(t.shape)}")
 
 
+def _check_like(name: str, t, ref_name: str, ref: Tensor) -> None:
+    """t is a valid tensor with ref's device, shape and dtype (e.g. prev vs x)."""
+    _check_tensor(name, t)
+    _check_same_device(name, t, ref_name, ref)
+    _check_same_shape(name, t, ref_name, ref)
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
 def _check_norm(norm, eps) -> None:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -205,11 +214,7 @@ def rel_l1_partials(cur: Tensor, prev: Tensor, per_sample: bool = False) -> Tens
     the sums (not the ratio) are what sequence-parallel ranks all-reduce.
     """
     _check_tensor("cur", cur)
-    _check_tensor("prev", prev)
-    _check_same_device("prev", prev, "cur", cur)
-    _check_same_shape("prev", prev, "cur", cur)
-    if prev.dtype != cur.dtype:
-        raise TypeError(f"prev must have the dtype of cur ({cur.dtype}), got {prev.dtype}")
+    _check_like("prev", prev, "cur", cur)
     _check_bool("per_sample", per_sample)
     if per_sample and cur.dim() < 2:
         raise ValueError(f"per_sample=True needs a batch dimension: cur must be (B, ...), "
@@ -251,11 +256,7 @@ def modulated_rel_l1_(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor
     _check_norm(norm, eps)
     scale = _modulation_rows("scale", scale, x)
     shift = _modulation_rows("shift", shift, x)
-    _check_tensor("prev", prev)
-    _check_same_device("prev", prev, "x", x)
-    _check_same_shape("prev", prev, "x", x)
-    if prev.dtype != x.dtype:
-        raise TypeError(f"prev must have the dtype of x ({x.dtype}), got {prev.dtype}")
+    _check_like("prev", prev, "x", x)
     _check_bool("per_sample", per_sample)
     return torch.ops.teacache_fast.modulated_rel_l1_(x, scale, shift, prev, norm, float(eps), per_sample)
 
@@ -362,11 +363,7 @@ def residual_capture_(out: Tensor, inp: Tensor, residual: Tensor) -> None:
     activations is fine) and may live on another device (e.g. pinned CPU).
     """
     _check_tensor("out", out)
-    _check_tensor("inp", inp)
-    _check_same_device("inp", inp, "out", out)
-    _check_same_shape("inp", inp, "out", out)
-    if inp.dtype != out.dtype:
-        raise TypeError(f"inp must have the dtype of out ({out.dtype}), got {inp.dtype}")
+    _check_like("inp", inp, "out", out)
     _check_tensor("residual", residual)
     _check_same_shape("residual", residual, "out", out)
     torch.ops.teacache_fast.residual_capture_(out, inp, residual)
