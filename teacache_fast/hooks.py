@@ -12,6 +12,11 @@ they were, and removing the attributes restores the original objects):
 * the first block's wrapper computes the indicator (modulated_rel_l1_ or
   rel_l1_partials) and the decision (teacache_decide_), then reads the flags
   on the host: the one sync of a call;
+* under torch.compile the host bookkeeping (which branch and step a call is,
+  the indicator op, the decision and its read, the stats) is one region that
+  Dynamo does not trace (torch.compiler.disable): one graph break per call,
+  and the graphs only see the call's mode (compute / skip / subset / mixed),
+  never a counter, so their number does not grow with the steps;
 * on a skipped step every block returns its inputs and the span's end adds
   the cached residual (residual_apply_); on a computed step the end captures
   ``out - in`` (residual_capture_);
@@ -49,13 +54,15 @@ COMPUTE, SKIP, SUBSET, MIXED = "compute", "skip", "subset", "mixed"
 
 
 class _Call:
-    """One transformer call: its branch, step and decision."""
+    """One transformer call: its arguments; its branch, step and decision once
+    the first block ran the host region (_Wrapper._host_decide)."""
 
-    def __init__(self, branch: int, state: BranchState, step: int, forced: bool):
-        self.branch = branch
-        self.state = state
-        self.step = step
-        self.forced = forced
+    def __init__(self, args: tuple, kwargs: dict):
+        self.args, self.kwargs = args, kwargs
+        self.branch = 0
+        self.state: Optional[BranchState] = None
+        self.step = 0
+        self.forced = False
         self.mode: Optional[str] = None       # set by the first block
         self.captured: Dict[str, Any] = {}
         self.stream_in: Optional[Tensor] = None
@@ -104,6 +111,11 @@ class _Wrapper:
         # (diffusers attention): see _sf_warm_signatures
         self.sf_processors = [mod for b in blocks for mod in b.modules()
                               if getattr(mod, "processor", None) is not None] if config.sync_free else []
+        # host-only code, never traced by Dynamo (see the module docstring);
+        # wrapped here, not at import: torch.compiler.disable imports Dynamo (~1 s)
+        if not config.sync_free:
+            self._host_decide = torch.compiler.disable(self._host_decide)
+            self._observe = torch.compiler.disable(self._observe)
 
     # ------------------------------------------------------------------ install
 
@@ -158,17 +170,19 @@ class _Wrapper:
     # ------------------------------------------------------------------ model call
 
     def _model_forward(self, *args, **kwargs):
-        self.call = self._begin(args, kwargs)
+        # branch and step are assigned at the first block, in the host region:
+        # here, under torch.compile, they would be guarded on (a graph per step)
+        self.call = _Call(args, kwargs)
         try:
-            ctx = ops.use_backend(self.config.backend) if self.config.backend else contextlib.nullcontext()
-            with ctx:
+            with self._backend():
                 return self.model_forward(*args, **kwargs)
         finally:
             self.call = None
 
-    def _begin(self, args: tuple, kwargs: dict) -> _Call:
+    def _begin(self, call: _Call) -> None:
+        """Host side: which branch and step the call is; starts generations."""
         st, cfg = self.state, self.config
-        bound = _bind(self.model_signature, args, kwargs)
+        bound = _bind(self.model_signature, call.args, call.kwargs)
         if self.new_generation:
             self._start_generation()
         t_arg = bound.get(self.adapter.timestep_arg) if self.adapter.timestep_arg else None
@@ -198,7 +212,8 @@ class _Wrapper:
         bs = st.branch(branch)
         bs.signature = signature
         st.calls += 1
-        return _Call(branch, bs, step, cfg.forced(step, st.num_steps, self.adapter.forced))
+        call.branch, call.state, call.step = branch, bs, step
+        call.forced = cfg.forced(step, st.num_steps, self.adapter.forced)
 
     def _start_generation(self) -> None:
         if self.config.sync_free:
@@ -270,18 +285,37 @@ class _Wrapper:
     # ------------------------------------------------------------------ decision
 
     def _decide(self, call: _Call, original: Callable, args: tuple, kwargs: dict) -> None:
-        cfg, bs = self.config, call.state
+        """Traced part of the decision: the indicator's inputs (e.g. the
+        modulation of the first block, which compiles with the model), then
+        the host region. The one graph break of a call is here."""
         first = BlockCall(original, args, kwargs, self.model, call.captured)
         stream = first[self.adapter.stream]
         indicator = self.adapter.indicator(first)
-        partials = self._partials(bs, indicator)
-        if cfg.per_sample and partials.shape[0] != stream.shape[0]:
-            raise RuntimeError(f"per_sample=True: the indicator has batch {partials.shape[0]} but the "
-                               f"hidden states have batch {stream.shape[0]}")
-        if bs.decision is None or bs.decision.shape != partials.shape:
-            bs.decision = ops.new_decide_state(partials.shape, partials.device)
-        force = call.forced or bs.residual is None or bs.residual.shape != stream.shape
-        flags = decide(partials, bs.decision, cfg, force, self.process_group)
+        if isinstance(indicator, Modulated):
+            x, how = indicator.x, (indicator.scale, indicator.shift, indicator.norm, indicator.eps)
+        elif isinstance(indicator, Tensor):
+            x, how = indicator, None
+        else:
+            raise TypeError(f"the indicator of adapter {self.adapter.name!r} must be a Modulated or "
+                            f"a Tensor, got {type(indicator).__name__}")
+        self._host_decide(call, stream, x, how, original, args, kwargs)
+
+    def _host_decide(self, call: _Call, stream: Tensor, x: Tensor, how: Optional[tuple],
+                     original: Callable, args: tuple, kwargs: dict) -> None:
+        """Host region (not traced under torch.compile): assign the call's
+        branch and step, run the indicator op and the decision, read the
+        flags (the one sync), record the stats and set ``call.mode``."""
+        self._begin(call)
+        cfg, bs = self.config, call.state
+        with self._backend():
+            partials = self._partials(bs, x, how)
+            if cfg.per_sample and partials.shape[0] != stream.shape[0]:
+                raise RuntimeError(f"per_sample=True: the indicator has batch {partials.shape[0]} but "
+                                   f"the hidden states have batch {stream.shape[0]}")
+            if bs.decision is None or bs.decision.shape != partials.shape:
+                bs.decision = ops.new_decide_state(partials.shape, partials.device)
+            force = call.forced or bs.residual is None or bs.residual.shape != stream.shape
+            flags = decide(partials, bs.decision, cfg, force, self.process_group)
         host = flags.tolist()  # the one host read of this call
         host = host if isinstance(host, list) else [host] * stream.shape[0]
         bs.record(host)
@@ -289,26 +323,30 @@ class _Wrapper:
         call.partials, call.flags, call.stream_in, call.batch = partials, flags, stream, stream.shape[0]
         if all(host):
             call.mode = COMPUTE
+            self._residual(bs, stream)  # allocated here: the graphs only fill it
         elif not any(host):
             call.mode = SKIP
         else:
             call.compute_idx = [i for i, f in enumerate(host) if f]
             call.mode = SUBSET if self.adapter.subset else MIXED
+            call.index(stream.device)  # built here, not in the graph
             if call.mode == SUBSET:
-                call.skip_out0 = self.adapter.skip_output(first)
+                call.skip_out0 = self.adapter.skip_output(BlockCall(original, args, kwargs, self.model))
 
-    def _partials(self, bs: BranchState, indicator) -> Tensor:
+    def _backend(self):
+        return ops.use_backend(self.config.backend) if self.config.backend else contextlib.nullcontext()
+
+    def _partials(self, bs: BranchState, x: Tensor, how: Optional[tuple]) -> Tensor:
+        """The indicator's partial sums against the branch's previous one;
+        how: (scale, shift, norm, eps) of a Modulated indicator, None for a
+        Tensor used as is."""
         per_sample = self.config.per_sample
-        x = indicator.x if isinstance(indicator, Modulated) else indicator
-        if not isinstance(x, Tensor):
-            raise TypeError(f"the indicator of adapter {self.adapter.name!r} must be a Modulated or "
-                            f"a Tensor, got {type(indicator).__name__}")
         if bs.prev is None or bs.prev.shape != x.shape or bs.prev.dtype != x.dtype \
                 or bs.prev.device != x.device:
             bs.prev = torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # first call: forced
-        if isinstance(indicator, Modulated):
-            return ops.modulated_rel_l1_(x, indicator.scale, indicator.shift, bs.prev,
-                                         indicator.norm, indicator.eps, per_sample)
+        if how is not None:
+            scale, shift, norm, eps = how
+            return ops.modulated_rel_l1_(x, scale, shift, bs.prev, norm, eps, per_sample)
         partials = ops.rel_l1_partials(x, bs.prev, per_sample)
         bs.prev.copy_(x)
         return partials
@@ -326,7 +364,8 @@ class _Wrapper:
         bs, inp = call.state, call.stream_in
         if call.mode == COMPUTE:
             ops.residual_capture_(out, inp, self._residual(bs, inp))
-            self._observe(call, out)
+            if self.config.observer is not None:  # a host callback: a break only when set
+                self._observe(call, out)
             return out
         if call.mode == SKIP:
             # the one activation-sized allocation of a skip, kept on purpose: inp
@@ -372,8 +411,8 @@ class _Wrapper:
         return bs.residual
 
     def _observe(self, call: _Call, out: Tensor) -> None:
-        if self.config.observer is not None:
-            self.config.observer(call.branch, call.step, call.partials, call.stream_in, out)
+        """Host side (not traced): the observer gets the call's step as an int."""
+        self.config.observer(call.branch, call.step, call.partials, call.stream_in, out)
 
     # ------------------------------------------------------------------ sync-free mode
     # The decision never leaves the device: every block runs under torch.cond
