@@ -305,6 +305,11 @@ class _Wrapper:
         """Host region (not traced under torch.compile): assign the call's
         branch and step, run the indicator op and the decision, read the
         flags (the one sync), record the stats and set ``call.mode``."""
+        if torch.is_grad_enabled() and (stream.requires_grad or x.requires_grad):
+            raise RuntimeError(
+                f"TeaCache on {type(self.model).__name__} is inference-only (a skipped step has no "
+                "gradient): call the model under torch.no_grad() or torch.inference_mode(), as "
+                "diffusers pipelines do")
         self._begin(call)
         cfg, bs = self.config, call.state
         with self._backend():

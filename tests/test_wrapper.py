@@ -437,3 +437,15 @@ def test_bfloat16_model_with_a_float32_cache():
             assert residual.dtype == (dtype or torch.bfloat16)
         assert st["skipped"] > 0 and outs[dtype].dtype == torch.bfloat16
     torch.testing.assert_close(outs[None], outs[torch.float32], rtol=0.05, atol=0.05)
+
+
+def test_grad_mode_call_gets_a_clear_error():
+    tiny = tiny_flux(0)
+    tf.apply_teacache(tiny.model, threshold=0.4, num_steps=STEPS)
+    try:
+        with torch.enable_grad(), pytest.raises(RuntimeError, match="inference-only.*torch.no_grad"):
+            tiny.call(tiny.latents(1), torch.full((1,), 1.0), 0)
+        with torch.no_grad():  # the same model works once grad mode is off
+            assert tiny.call(tiny.latents(1), torch.full((1,), 1.0), 0).shape[0] == 1
+    finally:
+        tf.remove_teacache(tiny.model)
