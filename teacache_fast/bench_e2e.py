@@ -175,7 +175,7 @@ def bench_model(size: str, steps: int, thresholds: List[float], device, dtype, s
             "seconds": r.seconds, "speedup": r.speedup, "ideal_speedup": r.ideal_speedup,
             "of_ideal": r.speedup / r.ideal_speedup, "machinery_s": timer.seconds,
             "machinery_share": timer.seconds / r.seconds, "op_calls": timer.calls,
-            "peak_mem_mb": peak / 2**20, "psnr_db": r.psnr_db, "max_abs_err": r.max_abs_err,
+            "peak_mem_mb": peak / 2**20, "cache_mb": r.cache_bytes / 2**20, "psnr_db": r.psnr_db, "max_abs_err": r.max_abs_err,
         })
         log(f"[{size}] threshold {'none' if th is None else th}: {r.computed}/{r.total} steps, "
             f"{r.seconds:.2f} s, {r.speedup:.2f}x (ideal {r.ideal_speedup:.2f}x), "
@@ -189,7 +189,7 @@ def bench_model(size: str, steps: int, thresholds: List[float], device, dtype, s
 # --------------------------------------------------------------------------- writing
 
 CSV_COLUMNS = ["model", "describe", "threshold", "computed", "total", "seconds", "speedup", "ideal_speedup",
-               "of_ideal", "machinery_s", "machinery_share", "op_calls", "peak_mem_mb", "psnr_db",
+               "of_ideal", "machinery_s", "machinery_share", "op_calls", "peak_mem_mb", "cache_mb", "psnr_db",
                "max_abs_err"]
 
 
@@ -206,22 +206,23 @@ def markdown(rows: List[dict], device: str, steps: int, dtype, passes: int, note
         "wrapper's op calls (indicator, decision, residual) as a share of the run; the host read "
         "of the decision and the wrapper's Python are not in it, but they are in the threshold-0 "
         "row, where every step is computed, so its extra time over `none` is the whole cost of the "
-        "cache. `peak mem`: "
+        "cache. `cache MB`: the tensors the cache holds (stats()['cache_bytes']: previous "
+        "indicator, residual, decision state, trace). `peak mem`: "
         + ("torch.cuda.max_memory_allocated above the level before the run." if device.startswith("cuda")
            else "peak RSS above the level before the run (sampled every ms)."), ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         sub = [r for r in rows if r["model"] == model]
         base = sub[0]
         lines += [f"## {model}: {sub[0]['describe']}", "",
-                  "| threshold | computed | wall s | speedup | ideal | of ideal | cache ops | peak mem MB "
-                  "| PSNR dB | max abs err |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| threshold | computed | wall s | speedup | ideal | of ideal | cache ops | cache MB "
+                  "| peak mem MB | PSNR dB | max abs err |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sub:
             th = "none" if r["threshold"] is None else f"{r['threshold']:g}"
             of_ideal = "-" if r["threshold"] is None else f"{r['of_ideal']:.1%}"
             share = "-" if r["threshold"] is None else f"{r['machinery_share']:.2%}"
             lines.append(f"| {th} | {r['computed']}/{r['total']} | {r['seconds']:.2f} | {r['speedup']:.2f}x | "
-                         f"{r['ideal_speedup']:.2f}x | {of_ideal} | {share} | {r['peak_mem_mb']:.0f} | "
+                         f"{r['ideal_speedup']:.2f}x | {of_ideal} | {share} | {r['cache_mb']:.1f} | {r['peak_mem_mb']:.0f} | "
                          f"{r['psnr_db']:.2f} | {r['max_abs_err']:.3g} |")
         zero = next((r for r in sub if r["threshold"] == 0.0), None)
         if zero is not None:

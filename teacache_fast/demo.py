@@ -36,6 +36,7 @@ class RunResult:
     ideal_speedup: float = 1.0
     psnr_db: float = math.inf
     max_abs_err: float = 0.0
+    cache_bytes: int = 0        # tensors the cache held at the end (stats()["cache_bytes"])
 
 
 def timed_run(model, inputs, sigmas, threshold: Optional[float], on_step: Optional[Callable] = None,
@@ -58,11 +59,11 @@ def timed_run(model, inputs, sigmas, threshold: Optional[float], on_step: Option
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        computed = stats(model)["computed"] if threshold is not None else steps
+        st = stats(model) if threshold is not None else {"computed": steps, "cache_bytes": 0}
     finally:
         if threshold is not None:
             remove_teacache(model)
-    return latent, RunResult(threshold, computed, steps, seconds)
+    return latent, RunResult(threshold, st["computed"], steps, seconds, cache_bytes=st["cache_bytes"])
 
 
 def compare(result: RunResult, latent, base: RunResult, base_latent) -> RunResult:

@@ -775,8 +775,21 @@ def stats(module: Any) -> Dict[str, Any]:
     """
     w = _wrapper(module)
     out = w.sf_stats() if w.config.sync_free else w.state.stats()
-    out.update(threshold=w.config.threshold, preset=w.adapter.name, variant=w.adapter.variant)
+    out.update(threshold=w.config.threshold, preset=w.adapter.name, variant=w.adapter.variant,
+               cache_bytes=_cache_bytes(list(w.state.branches.values()) + list(w.sf)))
     return out
+
+
+def _cache_bytes(branch_states: List[Any]) -> int:
+    """Bytes of the tensors the cache holds (prev indicator, residual, decision
+    state, trace), each storage counted once: what TeaCache adds to memory."""
+    seen, total = set(), 0
+    for state in branch_states:
+        for value in vars(state).values():
+            if isinstance(value, Tensor) and value.untyped_storage().data_ptr() not in seen:
+                seen.add(value.untyped_storage().data_ptr())
+                total += value.untyped_storage().nbytes()
+    return total
 
 
 @contextlib.contextmanager

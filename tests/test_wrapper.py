@@ -449,3 +449,14 @@ def test_grad_mode_call_gets_a_clear_error():
             assert tiny.call(tiny.latents(1), torch.full((1,), 1.0), 0).shape[0] == 1
     finally:
         tf.remove_teacache(tiny.model)
+
+
+def test_stats_report_the_bytes_the_cache_holds():
+    tiny = tiny_flux(0)
+    with tf.teacache(tiny.model, threshold=0.4, num_steps=STEPS):
+        assert tf.stats(tiny.model)["cache_bytes"] == 0
+        x = tiny.latents(1)
+        euler_sample(tiny, x, STEPS)
+        held = tf.stats(tiny.model)["cache_bytes"]
+    # at least the previous modulated input and the residual, both shaped like the image stream
+    assert held >= 2 * x.numel() * x.element_size()
