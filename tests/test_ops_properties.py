@@ -141,7 +141,17 @@ def _assert_modulated(m, x, scale, shift, norm, eps):
     # Normalized values are O(sqrt(C)); with norm="none" they keep x's magnitude.
     mag = want.abs().nan_to_num(0, 0, 0).amax().clamp(min=1.0).item()
     eps_d = EPS[x.dtype]
-    _assert_close64(m, want, rtol=2 * eps_d, atol=(2 * eps_d + 64 * 2.0 ** -24) * mag)
+    atol = (2 * eps_d + 64 * 2.0 ** -24) * mag
+    if norm == "layer":
+        # fp32 LayerNorm is ill-conditioned when |x| >> std: x - mean carries an
+        # error of ~ulp(|x|), which the division by std amplifies. Any fp32
+        # implementation (the kernels too) has it; allow it, and no more.
+        x64 = x.double().reshape(-1, x.shape[-1])
+        std = (x64.var(-1, unbiased=False) + eps).sqrt()
+        cond = (x64.abs().amax(-1) / std).nan_to_num(0, 0, 0).max().item()
+        gain = 1.0 if scale is None else (1 + scale.double().abs()).amax().item()
+        atol += 8 * 2.0 ** -24 * cond * gain
+    _assert_close64(m, want, rtol=2 * eps_d, atol=atol)
 
 
 MOD_ARGS = dict(norm=st.sampled_from(ops.NORMS), eps=st.sampled_from((1e-6, 1e-5, 0.1)),

@@ -29,7 +29,12 @@ def _rows_per_chunk(width: int) -> int:
 def _normalize(x32: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     """A fresh fp32 buffer holding norm(x32) (the caller modifies it in place)."""
     if norm == "layer":
-        return F.layer_norm(x32, x32.shape[-1:], eps=eps)
+        # Exact two-pass statistics (mean, then the mean of centred squares), not
+        # F.layer_norm or var_mean: on CPU they lose digits when |mean| >> std,
+        # and this backend is the oracle of the others
+        centred = x32 - x32.mean(dim=-1, keepdim=True)
+        var = centred.square().mean(dim=-1, keepdim=True)
+        return centred.mul_(var.add_(eps).rsqrt_())
     if norm == "rms":
         return F.rms_norm(x32, x32.shape[-1:], eps=eps)
     return x32.clone()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 __all__ = ["Adapter", "Modulated", "BlockCall", "Variant", "first_and_last", "first_only",
            "first_n", "first_fraction", "pick_variant", "ada_norm_zero", "rms_scaled"]
@@ -205,7 +206,16 @@ def pick_variant(family: str, variants: Dict[str, Variant], variant: Optional[st
 def ada_norm_zero(norm1: nn.Module, x: Tensor, temb: Tensor) -> Modulated:
     """Indicator of an AdaLayerNormZero ``norm1`` (FLUX, HunyuanVideo): the msa
     shift/scale of ``linear(silu(temb))`` on a LayerNorm without affine."""
-    shift, scale = norm1.linear(norm1.silu(temb)).chunk(6, dim=1)[:2]
+    lin, h = norm1.linear, norm1.silu(temb)
+    if type(lin) is nn.Linear and lin.out_features % 6 == 0:
+        # Only the first two of the six chunks are needed: a third of the
+        # weight is read (the full linear is ~100 MB for FLUX; the block runs
+        # it again anyway). Quantized or wrapped linears take the full path.
+        rows = 2 * (lin.out_features // 6)
+        bias = None if lin.bias is None else lin.bias[:rows]
+        shift, scale = F.linear(h, lin.weight[:rows], bias).chunk(2, dim=1)
+    else:
+        shift, scale = lin(h).chunk(6, dim=1)[:2]
     return Modulated(x, scale, shift, norm="layer", eps=float(norm1.norm.eps))
 
 
