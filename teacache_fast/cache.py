@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["TeaCacheConfig", "BranchState", "CallClock", "CacheState", "decide"]
+__all__ = ["TeaCacheConfig", "BranchState", "CallClock", "CacheState", "decide", "indicator_partials_"]
 
 
 @dataclass
@@ -130,8 +130,23 @@ def _check_int(name: str, v, *, minimum: int, optional: bool = False) -> None:
         raise ValueError(f"{name} must be {expected}, got {v!r}")
 
 
-def decide(partials: Tensor, state: Tensor, config: TeaCacheConfig, force: bool,
-           process_group=None) -> Tensor:
+def indicator_partials_(x: Tensor, prev: Tensor, *, scale: Optional[Tensor] = None,
+                        shift: Optional[Tensor] = None, norm: Optional[str] = "layer",
+                        eps: float = 1e-6, per_sample: bool = False) -> Tensor:
+    """fp32 partials of the indicator against ``prev``; prev <- the new indicator.
+
+    norm=None compares ``x`` as is (a timestep embedding); otherwise x is
+    modulated first, in the same fused pass (modulated_rel_l1_).
+    """
+    if norm is None:
+        partials = ops.rel_l1_partials(x, prev, per_sample)
+        prev.copy_(x)
+        return partials
+    return ops.modulated_rel_l1_(x, scale, shift, prev, norm, eps, per_sample)
+
+
+def decide(partials: Tensor, state: Tensor, coefficients: Sequence[float], threshold: float, *,
+           force, max_consecutive_skips: Optional[int] = None, process_group=None) -> Tensor:
     """Partials -> compute flags, on the device, without a host sync.
 
     The one place where ranks of a sequence-parallel group must agree: the
@@ -141,8 +156,8 @@ def decide(partials: Tensor, state: Tensor, config: TeaCacheConfig, force: bool,
     if process_group is not None:
         from .distributed import allreduce_partials_
         allreduce_partials_(partials, process_group)
-    return ops.teacache_decide_(partials, state, config.coefficients, config.threshold,
-                                force=force, max_consecutive_skips=config.max_consecutive_skips)
+    return ops.teacache_decide_(partials, state, coefficients, threshold, force=force,
+                                max_consecutive_skips=max_consecutive_skips)
 
 
 class CallClock:

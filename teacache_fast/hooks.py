@@ -35,13 +35,13 @@ import inspect
 import numbers
 import os
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import ops, sync_free
-from .cache import BranchState, CacheState, TeaCacheConfig, decide
+from .cache import BranchState, CacheState, TeaCacheConfig, decide, indicator_partials_
 from .models.base import Adapter, BlockCall, Modulated, signature_of
 from .preset_json import load_preset_json, looks_like_preset_path
 from .sync_free import SyncFreeBranch
@@ -290,17 +290,21 @@ class _Wrapper:
         the host region. The one graph break of a call is here."""
         first = BlockCall(original, args, kwargs, self.model, call.captured)
         stream = first[self.adapter.stream]
-        indicator = self.adapter.indicator(first)
-        if isinstance(indicator, Modulated):
-            x, how = indicator.x, (indicator.scale, indicator.shift, indicator.norm, indicator.eps)
-        elif isinstance(indicator, Tensor):
-            x, how = indicator, None
-        else:
-            raise TypeError(f"the indicator of adapter {self.adapter.name!r} must be a Modulated or "
-                            f"a Tensor, got {type(indicator).__name__}")
+        x, how = self._indicator(first)
         self._host_decide(call, stream, x, how, original, args, kwargs)
 
-    def _host_decide(self, call: _Call, stream: Tensor, x: Tensor, how: Optional[tuple],
+    def _indicator(self, first: BlockCall) -> Tuple[Tensor, Dict[str, Any]]:
+        """The adapter's indicator as (x, keywords of cache.indicator_partials_)."""
+        indicator = self.adapter.indicator(first)
+        if isinstance(indicator, Modulated):
+            return indicator.x, dict(scale=indicator.scale, shift=indicator.shift,
+                                     norm=indicator.norm, eps=indicator.eps)
+        if isinstance(indicator, Tensor):
+            return indicator, dict(norm=None)  # an embedding, compared as is
+        raise TypeError(f"the indicator of adapter {self.adapter.name!r} must be a Modulated or "
+                        f"a Tensor, got {type(indicator).__name__}")
+
+    def _host_decide(self, call: _Call, stream: Tensor, x: Tensor, how: Dict[str, Any],
                      original: Callable, args: tuple, kwargs: dict) -> None:
         """Host region (not traced under torch.compile): assign the call's
         branch and step, run the indicator op and the decision, read the
@@ -320,7 +324,9 @@ class _Wrapper:
             if bs.decision is None or bs.decision.shape != partials.shape:
                 bs.decision = ops.new_decide_state(partials.shape, partials.device)
             force = call.forced or bs.residual is None or bs.residual.shape != stream.shape
-            flags = decide(partials, bs.decision, cfg, force, self.process_group)
+            flags = decide(partials, bs.decision, cfg.coefficients, cfg.threshold, force=force,
+                           max_consecutive_skips=cfg.max_consecutive_skips,
+                           process_group=self.process_group)
         host = flags.tolist()  # the one host read of this call
         host = host if isinstance(host, list) else [host] * stream.shape[0]
         bs.record(host)
@@ -341,20 +347,14 @@ class _Wrapper:
     def _backend(self):
         return ops.use_backend(self.config.backend) if self.config.backend else contextlib.nullcontext()
 
-    def _partials(self, bs: BranchState, x: Tensor, how: Optional[tuple]) -> Tensor:
-        """The indicator's partial sums against the branch's previous one;
-        how: (scale, shift, norm, eps) of a Modulated indicator, None for a
-        Tensor used as is."""
+    def _partials(self, bs: BranchState, x: Tensor, how: Dict[str, Any]) -> Tensor:
+        """The indicator's partial sums against the branch's previous one
+        (how: see _indicator)."""
         per_sample = self.config.per_sample
         if bs.prev is None or bs.prev.shape != x.shape or bs.prev.dtype != x.dtype \
                 or bs.prev.device != x.device:
             bs.prev = torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # first call: forced
-        if how is not None:
-            scale, shift, norm, eps = how
-            return ops.modulated_rel_l1_(x, scale, shift, bs.prev, norm, eps, per_sample)
-        partials = ops.rel_l1_partials(x, bs.prev, per_sample)
-        bs.prev.copy_(x)
-        return partials
+        return indicator_partials_(x, bs.prev, per_sample=per_sample, **how)
 
     # ------------------------------------------------------------------ span end
 
@@ -489,15 +489,7 @@ class _Wrapper:
         cfg = self.config
         first = BlockCall(original, args, kwargs, self.model, br.captured)
         stream = first[self.adapter.stream]
-        indicator = self.adapter.indicator(first)
-        if isinstance(indicator, Modulated):
-            x = indicator.x
-            how = dict(scale=indicator.scale, shift=indicator.shift, norm=indicator.norm, eps=indicator.eps)
-        elif isinstance(indicator, Tensor):
-            x, how = indicator, dict(norm=None)
-        else:
-            raise TypeError(f"the indicator of adapter {self.adapter.name!r} must be a Modulated or "
-                            f"a Tensor, got {type(indicator).__name__}")
+        x, how = self._indicator(first)
         if torch.compiler.is_compiling():
             self._sf_warm_signatures()
         br.prepare(x, stream, cfg.cache_dtype)
@@ -612,16 +604,15 @@ def _bind(sig: Optional[inspect.Signature], args: tuple, kwargs: dict) -> Dict[s
 def _timestep_value(t: Any, must_read: bool) -> Optional[float]:
     """The call's timestep on the host, when reading it is free (CPU) or needed.
 
-    Under torch.compile a read is a graph break, so a CPU tensor is then read
-    only when needed (learning the branches), as a CUDA one always is; new
-    generations are still spotted by the step count wrapping, set_timesteps
-    and shape changes.
+    A CUDA timestep is read (a sync) only when needed (learning the branches);
+    new generations are then spotted by the step count wrapping, set_timesteps
+    and shape changes. Called only from the host region, never traced.
     """
     if isinstance(t, numbers.Real) and not isinstance(t, bool):
         return float(t)
     if not isinstance(t, Tensor) or t.numel() == 0:
         return None
-    if must_read or (t.device.type == "cpu" and not torch.compiler.is_compiling()):
+    if must_read or t.device.type == "cpu":
         return float(t.reshape(-1)[0])
     return None
 

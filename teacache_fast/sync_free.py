@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from . import ops
+from .cache import decide as decide_flags, indicator_partials_
 
 __all__ = ["DeviceSchedule", "SyncFreeBranch", "decide", "decide_with_partials", "run_or_pass",
            "finish_span_", "sync_free_step"]
@@ -112,16 +113,9 @@ def decide_with_partials(indicator: Tensor, prev: Tensor, state: Tensor,
                          norm: Optional[str] = "layer", eps: float = 1e-6,
                          max_consecutive_skips: Optional[int] = None, process_group=None):
     """:func:`decide`, also returning the fp32 ``(2,)`` partials (for a trace)."""
-    if norm is None:
-        partials = ops.rel_l1_partials(indicator, prev)
-        prev.copy_(indicator)
-    else:
-        partials = ops.modulated_rel_l1_(indicator, scale, shift, prev, norm=norm, eps=eps)
-    if process_group is not None:
-        from .distributed import allreduce_partials_
-        allreduce_partials_(partials, process_group)
-    flag = ops.teacache_decide_(partials, state, coefficients, threshold, force=force,
-                                max_consecutive_skips=max_consecutive_skips)
+    partials = indicator_partials_(indicator, prev, scale=scale, shift=shift, norm=norm, eps=eps)
+    flag = decide_flags(partials, state, coefficients, threshold, force=force,
+                        max_consecutive_skips=max_consecutive_skips, process_group=process_group)
     return flag, partials
 
 
