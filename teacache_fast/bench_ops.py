@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 HELP = "benchmark the ops (or, with 'e2e', a cached sampling loop) and write CSV, PNG and markdown"
 
@@ -56,6 +56,24 @@ def _torch_dtype(name: str):
 def _compiled(fn):
     import torch
     return torch.compile(fn, dynamic=False)
+
+
+def _stateless_impls(backends, op_call: Callable[[], Any], eager: Callable, eager_args: tuple
+                     ) -> Dict[str, Callable]:
+    """The implementations of a case whose inputs do not change between calls:
+    ``op_call`` under each backend, ``eager(*eager_args)`` and its torch.compile."""
+    from . import ops
+
+    impls = {}
+    for name in backends:
+        def fused(name=name):
+            with ops.use_backend(name):
+                return op_call()
+        impls[name] = fused
+    compiled = _compiled(eager)
+    impls["eager"] = lambda: eager(*eager_args)
+    impls["compile"] = lambda: compiled(*eager_args)
+    return impls
 
 
 def _indicator_case(shape, dtype, device, backends) -> Dict[str, Callable]:
@@ -110,16 +128,7 @@ def _modulate_case(shape, dtype, device, backends):
     def eager(x, scale, shift):
         return F.layer_norm(x, (C,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
-    impls = {}
-    for name in backends:
-        def fused(name=name):
-            with ops.use_backend(name):
-                return ops.modulate(x, scale, shift)
-        impls[name] = fused
-    compiled = _compiled(eager)
-    impls["eager"] = lambda: eager(x, scale, shift)
-    impls["compile"] = lambda: compiled(x, scale, shift)
-    return impls
+    return _stateless_impls(backends, lambda: ops.modulate(x, scale, shift), eager, (x, scale, shift))
 
 
 def _partials_case(shape, dtype, device, backends):
@@ -135,16 +144,7 @@ def _partials_case(shape, dtype, device, backends):
         return torch.stack(((cur - prev).abs().sum(dtype=torch.float32),
                             prev.abs().sum(dtype=torch.float32)))
 
-    impls = {}
-    for name in backends:
-        def fused(name=name):
-            with ops.use_backend(name):
-                return ops.rel_l1_partials(cur, prev)
-        impls[name] = fused
-    compiled = _compiled(eager)
-    impls["eager"] = lambda: eager(cur, prev)
-    impls["compile"] = lambda: compiled(cur, prev)
-    return impls
+    return _stateless_impls(backends, lambda: ops.rel_l1_partials(cur, prev), eager, (cur, prev))
 
 
 def _capture_case(shape, dtype, device, backends):
@@ -160,16 +160,7 @@ def _capture_case(shape, dtype, device, backends):
     def eager(out, inp):
         return out - inp           # the reference allocates a new residual every computed step
 
-    impls = {}
-    for name in backends:
-        def fused(name=name):
-            with ops.use_backend(name):
-                ops.residual_capture_(out, inp, residual)
-        impls[name] = fused
-    compiled = _compiled(eager)
-    impls["eager"] = lambda: eager(out, inp)
-    impls["compile"] = lambda: compiled(out, inp)
-    return impls
+    return _stateless_impls(backends, lambda: ops.residual_capture_(out, inp, residual), eager, (out, inp))
 
 
 def _apply_case(shape, dtype, device, backends):
