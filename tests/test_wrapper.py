@@ -106,7 +106,6 @@ def test_parity_with_reference(tiny, threshold):
 
 def test_cfg_two_calls_per_step_keep_separate_state(tiny):
     x0 = tiny.latents(1)
-    coeffs = list(flux.VARIANTS["dev"].coefficients)
     # expected: one independent cache per branch, emulated with two wrappers on
     # two copies of the same model (a model instance holds one cache)
     copies = [tiny_flux(0), tiny_flux(0)]
