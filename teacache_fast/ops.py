@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -120,8 +120,7 @@ def _as_coefficients(coefficients) -> List[float]:
         if coefficients.dim() != 1:
             raise ValueError(f"coefficients must be 1-D, got shape {tuple(coefficients.shape)}")
         coefficients = coefficients.tolist()
-    if isinstance(coefficients, (str, bytes)) or not isinstance(coefficients, Sequence) and \
-            not hasattr(coefficients, "__iter__"):
+    if isinstance(coefficients, (str, bytes)) or not hasattr(coefficients, "__iter__"):
         raise TypeError(f"coefficients must be a sequence of numbers, got {type(coefficients).__name__}")
     values = list(coefficients)
     if not 1 <= len(values) <= MAX_COEFFICIENTS:
