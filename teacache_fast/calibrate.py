@@ -509,7 +509,7 @@ def record(target, run_fn: Callable[[object, int], object], runs: int, *,
     start, end, max_consecutive_skips, branches, per_sample, backend).
     """
     from .cache import TeaCacheConfig
-    from .hooks import apply_teacache, remove_teacache, reset
+    from .api import apply_teacache, remove_teacache, reset
     from .models import adapter_for
 
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:

@@ -44,7 +44,7 @@ def timed_run(model, inputs, sigmas, threshold: Optional[float], on_step: Option
     """Sample once (with TeaCache at ``threshold`` unless None); return (latent, RunResult)."""
     import torch
 
-    from .hooks import apply_teacache, remove_teacache, stats
+    from .api import apply_teacache, remove_teacache, stats
     from .sampling import euler_sample
 
     steps = len(sigmas) - 1

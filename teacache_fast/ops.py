@@ -136,6 +136,14 @@ def _as_coefficients(coefficients) -> List[float]:
 
 # --------------------------------------------------------------------------- plumbing
 
+def check_threshold(threshold) -> float:
+    """The one threshold rule (ops and TeaCacheConfig): a finite number >= 0."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
+            or not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    return float(threshold)
+
+
 def _backend(t: Tensor):
     return get_backend(backend_for(t))
 
@@ -310,9 +318,7 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: f
     _check_same_device("state", state, "partials", partials)
     _check_same_shape("state", state, "partials", partials)
     coeffs = _as_coefficients(coefficients)
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
-            or not math.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    check_threshold(threshold)
     lead = partials.shape[:-1]
     if isinstance(force, torch.Tensor):
         if force.dtype != torch.bool:

@@ -7,7 +7,7 @@ import torch
 
 import tiny_models
 from teacache_fast import calibrate as cal
-from teacache_fast import hooks
+import teacache_fast as tf
 from teacache_fast.models import first_and_last
 from teacache_fast.preset_json import PresetFileError, load_preset_json
 
@@ -238,19 +238,19 @@ def calibrated(tiny):
 
 def test_calibrate_records_every_step_of_every_branch(tiny, calibrated):
     rec = calibrated.recording
-    assert not hooks.is_cached(tiny.model)  # the record-mode wrapper is removed
+    assert not tf.is_cached(tiny.model)  # the record-mode wrapper is removed
     assert rec.model_class == "FluxTransformer2DModel"
     assert rec.num_runs == 3 and rec.branches == [0, 1] and rec.num_steps == STEPS
     assert calibrated.fit.num_pairs == 3 * 2 * (STEPS - 1) and calibrated.fit.degree == 4
     x, y, _ = calibrated.pairs()
     assert (x > 0).all() and (y > 0).all()
     # the input side is exactly the cache's own indicator: compare with a threshold-0 run's trace
-    hooks.apply_teacache(tiny.model, threshold=0.0, coefficients=[1.0, 0.0], num_steps=STEPS)
+    tf.apply_teacache(tiny.model, threshold=0.0, coefficients=[1.0, 0.0], num_steps=STEPS)
     try:
         _cfg_sample(tiny, 2)
-        trace = hooks.stats(tiny.model)["branches"]
+        trace = tf.stats(tiny.model)["branches"]
     finally:
-        hooks.remove_teacache(tiny.model)
+        tf.remove_teacache(tiny.model)
     for b in (0, 1):
         expected = torch.tensor(trace[b]["rel_l1"][1:], dtype=torch.float32).numpy()
         np.testing.assert_array_equal(cal.relative_l1(rec.partials[2][b][1:]), expected)
@@ -284,12 +284,12 @@ def test_preset_json_loads_back_and_replay_predicts_the_cached_run(tiny, calibra
         predicted = calibrated.predict(row["threshold"])  # (runs, branches, steps)
         assert predicted.sum(-1).mean() == pytest.approx(row["computed_steps"])
         for r in range(3):
-            hooks.apply_teacache(tiny.model, preset=str(path), threshold=row["threshold"], num_steps=STEPS)
+            tf.apply_teacache(tiny.model, preset=str(path), threshold=row["threshold"], num_steps=STEPS)
             try:
                 _cfg_sample(tiny, r)
-                st = hooks.stats(tiny.model)
+                st = tf.stats(tiny.model)
             finally:
-                hooks.remove_teacache(tiny.model)
+                tf.remove_teacache(tiny.model)
             got = np.array([st["branches"][b]["steps"] for b in (0, 1)])
             skips = np.flatnonzero(~predicted[r].all(axis=0))
             first_skip = int(skips[0]) if skips.size else STEPS - 1
@@ -312,31 +312,31 @@ def _preset_file(tmp_path, model_class="FluxTransformer2DModel", thresholds=None
 def test_preset_json_needs_a_threshold_and_names_the_table(tiny, tmp_path):
     path = _preset_file(tmp_path, thresholds=[{"threshold": 0.3, "computed_steps": 7.5}])
     with pytest.raises(ValueError, match=r"no default threshold: pass threshold=.*0\.3 -> 7\.5"):
-        hooks.apply_teacache(tiny.model, preset=path, num_steps=STEPS)
+        tf.apply_teacache(tiny.model, preset=path, num_steps=STEPS)
     with pytest.raises(ValueError, match="no 'thresholds' table"):
-        hooks.apply_teacache(tiny.model, preset=_preset_file(tmp_path), num_steps=STEPS)
-    assert not hooks.is_cached(tiny.model)
+        tf.apply_teacache(tiny.model, preset=_preset_file(tmp_path), num_steps=STEPS)
+    assert not tf.is_cached(tiny.model)
 
 
 def test_preset_json_coefficients_adapter_and_class_warning(tiny, tmp_path):
     path = _preset_file(tmp_path)
-    hooks.apply_teacache(tiny.model, preset=path, threshold=0.5, num_steps=STEPS)
+    tf.apply_teacache(tiny.model, preset=path, threshold=0.5, num_steps=STEPS)
     try:
-        w = tiny.model.__dict__[hooks._ATTR]
+        w = tf.inspect(tiny.model)
         assert list(w.config.coefficients) == [2.0, 0.0] and w.adapter.name == "flux"
     finally:
-        hooks.remove_teacache(tiny.model)
-    hooks.apply_teacache(tiny.model, preset=path, threshold=0.5, coefficients=[1.0, 0.0], num_steps=STEPS)
+        tf.remove_teacache(tiny.model)
+    tf.apply_teacache(tiny.model, preset=path, threshold=0.5, coefficients=[1.0, 0.0], num_steps=STEPS)
     try:
-        assert list(tiny.model.__dict__[hooks._ATTR].config.coefficients) == [1.0, 0.0]
+        assert list(tf.inspect(tiny.model).config.coefficients) == [1.0, 0.0]
     finally:
-        hooks.remove_teacache(tiny.model)
+        tf.remove_teacache(tiny.model)
     with pytest.warns(UserWarning, match="fitted on WanTransformer3DModel, not on FluxTransformer2DModel"):
-        hooks.apply_teacache(tiny.model, preset=_preset_file(tmp_path, "WanTransformer3DModel"),
+        tf.apply_teacache(tiny.model, preset=_preset_file(tmp_path, "WanTransformer3DModel"),
                              threshold=0.5, num_steps=STEPS)
-    hooks.remove_teacache(tiny.model)
+    tf.remove_teacache(tiny.model)
     with pytest.raises(PresetFileError, match="no such file"):
-        hooks.apply_teacache(tiny.model, preset=str(tmp_path / "nope.json"), threshold=0.5, num_steps=STEPS)
+        tf.apply_teacache(tiny.model, preset=str(tmp_path / "nope.json"), threshold=0.5, num_steps=STEPS)
 
 
 def test_replay_is_exact_step_by_step_when_inputs_are_the_recorded_ones(tiny):
@@ -361,13 +361,13 @@ def test_replay_is_exact_step_by_step_when_inputs_are_the_recorded_ones(tiny):
     for row in res.threshold_table():
         predicted = res.predict(row["threshold"])
         for r in range(2):
-            hooks.apply_teacache(tiny.model, threshold=row["threshold"], coefficients=res.coefficients,
+            tf.apply_teacache(tiny.model, threshold=row["threshold"], coefficients=res.coefficients,
                                  num_steps=n)
             try:
                 replay_inputs(tiny.model, r)
-                steps = hooks.stats(tiny.model)["branches"][0]["steps"]
+                steps = tf.stats(tiny.model)["branches"][0]["steps"]
             finally:
-                hooks.remove_teacache(tiny.model)
+                tf.remove_teacache(tiny.model)
             assert steps == predicted[r, 0].tolist(), row["threshold"]
 
 
@@ -377,7 +377,7 @@ def test_record_errors(tiny):
 
     with pytest.raises(cal.CalibrationError, match="mismatched branches: run 1 branch 0 has 3 input"):
         cal.calibrate(tiny.model, uneven, runs=2)
-    assert not hooks.is_cached(tiny.model)
+    assert not tf.is_cached(tiny.model)
     with pytest.raises(cal.CalibrationError, match="num_steps=5 but each branch was called 4 times"):
         cal.calibrate(tiny.model, lambda m, r: tiny_models.euler_sample(tiny, tiny.latents(1), 4),
                       runs=1, num_steps=5)

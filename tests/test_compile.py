@@ -16,7 +16,7 @@ import pytest
 from torch import nn
 
 from teacache_fast import ops, sync_free
-from teacache_fast.hooks import apply_teacache, remove_teacache, stats
+from teacache_fast import apply_teacache, remove_teacache, stats
 from teacache_fast.models.base import Adapter, Modulated
 
 COEFFS = [0.0, 0.0, 0.0, 1.0, 0.0]   # poly(r) = r
@@ -199,12 +199,12 @@ def test_explain_no_break_inside_ops_and_only_the_wrapper_reads():
     sites = _break_sites(_explain_third_call())
     inside_ops = [s for s in sites if s[0].startswith(("ops.py", "backends/", "kernels/"))]
     assert not inside_ops, inside_ops
-    assert ("hooks.py", "_decide") in sites
+    assert ("wrapper/host.py", "_decide") in sites
 
 
 def test_explain_one_break_site_per_step():
     explanation = _explain_third_call()
-    assert _break_sites(explanation) == {("hooks.py", "_decide")}
+    assert _break_sites(explanation) == {("wrapper/host.py", "_decide")}
     # one break (the host region) per call; Dynamo may split the enclosing
     # frames at it, but the reasons name that one site once
     assert len(explanation.break_reasons) == 1, explanation.break_reasons

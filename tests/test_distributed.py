@@ -70,7 +70,7 @@ def _model_runs(tokens=slice(None), group=None):
     exact) through the wrapper, with the partials crossing ranks
     (apply_teacache(..., process_group=group)).
     """
-    from teacache_fast.hooks import apply_teacache, remove_teacache, stats
+    from teacache_fast import apply_teacache, remove_teacache, stats
     from test_compile import ADAPTER, THRESHOLD as T, TinyDiT
 
     x = torch.randn(B, N, 4, generator=torch.Generator().manual_seed(5))[:, tokens].contiguous()
@@ -182,7 +182,7 @@ def test_backend_string_per_device(backend, device, expected):
 
 
 def test_apply_teacache_checks_the_group():
-    from teacache_fast.hooks import apply_teacache, is_cached
+    from teacache_fast import apply_teacache, is_cached
     from test_compile import ADAPTER, TinyDiT
     model = TinyDiT()
     with pytest.raises(RuntimeError, match="process_group: torch.distributed is not initialized"):

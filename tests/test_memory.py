@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import teacache_fast as tf
-from teacache_fast.hooks import _ATTR
+from teacache_fast.wrapper import CachedModel
 
 from tiny_models import euler_sample, tiny_flux
 
@@ -29,20 +29,20 @@ def _no_grad():
 
 
 def _state_tensors(model):
-    """Every tensor the wrapper's cache state holds, by (branch, name)."""
-    w = model.__dict__[_ATTR]
+    """Every tensor the cache holds per branch, by (branch, name), through the
+    public accessor."""
     found = {}
-    for index, b in w.state.branches.items():
-        for name in ("prev", "decision", "residual"):
+    for index, b in tf.inspect(model).branches.items():
+        for name in ("prev", "residual"):
             t = getattr(b, name)
             if t is not None:
                 found[(index, name)] = t
-        if isinstance(b.trace, torch.Tensor):  # a preallocated (num_steps, ..., 2) buffer
-            found[(index, "trace")] = b.trace
-        else:                                   # a list of per-call partials
-            for i, t in enumerate(b.trace or ()):
-                found[(index, f"trace[{i}]")] = t
     return found
+
+
+def _cached_models_of(model):
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o) is CachedModel and o.model is model]
 
 
 def test_remove_teacache_frees_every_cached_tensor(tiny):
@@ -50,17 +50,17 @@ def test_remove_teacache_frees_every_cached_tensor(tiny):
     tf.apply_teacache(tiny.model, threshold=0.6, num_steps=STEPS, per_sample=True)
     euler_sample(tiny, tiny.latents(2), STEPS, guidance=2.0)
     held = _state_tensors(tiny.model)
-    assert {name for _, name in held} >= {"prev", "decision", "residual"}
+    assert {name for _, name in held} >= {"prev", "residual"}
+    assert all(b.decision is not None for b in tf.inspect(tiny.model).branches.values())
     assert {index for index, _ in held} == {0, 1}
     refs = {key: weakref.ref(t) for key, t in held.items()}
-    wrapper = weakref.ref(tiny.model.__dict__[_ATTR])
     del held
     tf.remove_teacache(tiny.model)
     gc.collect()
     alive = sorted(str(key) for key, r in refs.items() if r() is not None)
     assert not alive, f"still referenced after remove_teacache: {alive}"
-    assert wrapper() is None, "the wrapper object itself is still referenced"
-    assert _ATTR not in tiny.model.__dict__
+    assert not _cached_models_of(tiny.model), "the CachedModel itself is still referenced"
+    assert not tf.is_cached(tiny.model)
 
 
 def test_buffers_are_allocated_once_and_reused(tiny):

@@ -140,14 +140,14 @@ def test_explicit_branches_match_learnt_ones(tiny):
 def test_branches_relearnt_when_timesteps_are_costly_to_read(tiny, monkeypatch):
     """As with GPU timesteps: read only while learning the calls per step, and
     relearnt at every new generation."""
-    from teacache_fast import hooks
-    real = hooks._timestep_value
+    from teacache_fast.cache import clock
+    real = clock.timestep_value
     reads = []
 
     def only_when_needed(t, must_read):
         reads.append(must_read)
         return real(t, must_read) if must_read else None
-    monkeypatch.setattr(hooks, "_timestep_value", only_when_needed)
+    monkeypatch.setattr(clock, "timestep_value", only_when_needed)
     x0 = tiny.latents(1)
     with tf.teacache(tiny.model, threshold=0.5, num_steps=STEPS):
         for _ in range(2):
@@ -328,7 +328,7 @@ def test_pipeline_loop_without_scheduler_step_falls_back(tiny):
         pipe.scheduler.set_timesteps(STEPS)
         out = euler_sample(tiny, x0, STEPS, guidance=3.0)  # its own Euler steps
         st = tf.stats(pipe)
-        assert not tiny.model.__dict__["_teacache_fast"].state.clock.stepped
+        assert not tf.inspect(tiny.model).scheduler_watched
     assert sorted(st["branches"]) == [0, 1] and st["skipped"] > 0
     torch.testing.assert_close(out, euler_sample(tiny, x0, STEPS, guidance=3.0), atol=0.3, rtol=0)
 
@@ -432,7 +432,7 @@ def test_bfloat16_model_with_a_float32_cache():
         with tf.teacache(bf.model, threshold=0.6, num_steps=STEPS, cache_dtype=dtype):
             outs[dtype] = euler_sample(bf, x0, STEPS)
             st = tf.stats(bf.model)["branches"][0]
-            residual = bf.model.__dict__["_teacache_fast"].state.branches[0].residual
+            residual = tf.inspect(bf.model).branches[0].residual
             assert residual.dtype == (dtype or torch.bfloat16)
         assert st["skipped"] > 0 and outs[dtype].dtype == torch.bfloat16
     torch.testing.assert_close(outs[None], outs[torch.float32], rtol=0.05, atol=0.05)

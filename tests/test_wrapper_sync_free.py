@@ -14,7 +14,6 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import teacache_fast as tf
-from teacache_fast.hooks import _ATTR
 
 from tiny_models import euler_sample, single_thread, tiny_flux
 
@@ -117,12 +116,12 @@ def test_sync_free_config_errors(tiny, override, message):
     kwargs = {"sync_free": True, **override}
     with pytest.raises((ValueError, TypeError), match=message):
         tf.apply_teacache(tiny.model, num_steps=STEPS, **kwargs)
-    assert _ATTR not in tiny.model.__dict__
+    assert not tf.is_cached(tiny.model)
 
 
 def test_sync_free_needs_num_steps_before_the_first_call(tiny):
     pipe = _Pipe(tiny.model)
     with tf.teacache(pipe, sync_free=True):
-        assert tiny.model.__dict__[_ATTR].config.branches == 1  # the default: one branch
+        assert tf.inspect(tiny.model).config.branches == 1  # the default: one branch
         with pytest.raises(RuntimeError, match="sync_free=True needs num_steps"):
             tiny.call(tiny.latents(1), torch.ones(1))

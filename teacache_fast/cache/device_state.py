@@ -1,0 +1,189 @@
+"""Sync-free state: the decision stays on the device (``sync_free=True``).
+
+* :class:`DeviceSchedule` keeps a branch's step counter on the device with
+  its forced-step table, so Python step counters do not recompile every step;
+* :func:`decide` runs the indicator and the decision (``modulated_rel_l1_`` /
+  ``rel_l1_partials`` + ``teacache_decide_``) and returns a 0-d bool tensor;
+* :func:`finish_span_` at the end of the cached span picks, elementwise on the
+  device, ``out`` (compute; the residual becomes ``out - in``) or
+  ``in + residual`` (skip; the residual is kept);
+* :class:`SyncFreeBranch` is one branch's device buffers and traces.
+
+The skip itself (``torch.cond`` per block) is the wrapper's:
+teacache_fast.wrapper.device. Numerics match the host-read mode bit for bit:
+a computed step returns the blocks' output itself; a skipped one returns
+``in + residual`` with one fp32 add rounded to the stream's dtype, as
+``residual_apply_`` does; the residual is ``out - in`` rounded to the cache
+dtype, as ``residual_capture_`` does.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .state import indicator_partials_, reduce_partials_
+from .stats import branch_entry
+
+__all__ = ["DeviceSchedule", "SyncFreeBranch", "decide", "decide_with_partials", "finish_span_"]
+
+
+class DeviceSchedule:
+    """The step counter of one branch on the device, with its forced-step table.
+
+    A Python step counter would be a new constant for ``torch.compile`` on
+    every call (a recompile per step); here the counter is a 0-d device
+    tensor and ``forced[step]`` a device gather, so one graph serves the whole
+    generation and the next ones: the counter wraps at the table's length, and
+    step 0 must be forced (it resets the decision state and the residual).
+
+    forced: one bool per step, e.g. ``[config.forced(s, n, rule) for s in range(n)]``.
+    """
+
+    def __init__(self, forced: Sequence[bool], device=None):
+        forced = [bool(f) for f in forced]
+        if not forced or not forced[0]:
+            raise ValueError("forced must be a non-empty table whose step 0 is forced (True)")
+        self.forced = torch.tensor(forced, dtype=torch.bool, device=device)
+        self.calls = torch.zeros((), dtype=torch.long, device=device)
+
+    @property
+    def num_steps(self) -> int:
+        return self.forced.numel()
+
+    def tick(self) -> Tensor:
+        """The 0-d bool 'forced' flag of this call; advances the counter (no host read)."""
+        return self.next()[0]
+
+    def next(self):
+        """(forced, step): the call's 0-d bool flag and its (1,) long step index."""
+        step = torch.remainder(self.calls, self.num_steps).reshape(1)
+        self.calls.add_(1)
+        # index_select, not forced[step]: indexing by a 0-d tensor reads it on the host
+        return self.forced.index_select(0, step).reshape(()), step
+
+    def to(self, device) -> "DeviceSchedule":
+        """Move the table and the counter (e.g. when the model moved after apply)."""
+        self.forced, self.calls = self.forced.to(device), self.calls.to(device)
+        return self
+
+    def reset(self) -> None:
+        self.calls.zero_()
+
+
+def decide(indicator: Tensor, prev: Tensor, state: Tensor, coefficients: Sequence[float],
+           threshold: float, *, force=False, scale: Optional[Tensor] = None,
+           shift: Optional[Tensor] = None, norm: Optional[str] = "layer", eps: float = 1e-6,
+           max_consecutive_skips: Optional[int] = None, process_group=None) -> Tensor:
+    """Indicator + decision on the device; returns the 0-d bool compute flag.
+
+    norm=None compares ``indicator`` as is (an embedding); otherwise it is
+    modulated first (``norm``, ``scale``, ``shift``). ``prev`` (the previous
+    indicator) and ``state`` (fp32 ``(2,)``) are updated in place. force may
+    be a Python bool (a constant under compile) or a 0-d bool tensor.
+    process_group: all-reduce the partials over it first (sequence parallel).
+    """
+    return decide_with_partials(indicator, prev, state, coefficients, threshold, force=force,
+                                scale=scale, shift=shift, norm=norm, eps=eps,
+                                max_consecutive_skips=max_consecutive_skips,
+                                process_group=process_group)[0]
+
+
+def decide_with_partials(indicator: Tensor, prev: Tensor, state: Tensor,
+                         coefficients: Sequence[float], threshold: float, *, force=False,
+                         scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                         norm: Optional[str] = "layer", eps: float = 1e-6,
+                         max_consecutive_skips: Optional[int] = None, process_group=None):
+    """:func:`decide`, also returning the fp32 ``(2,)`` partials (for a trace)."""
+    partials = indicator_partials_(indicator, prev, scale=scale, shift=shift, norm=norm, eps=eps)
+    reduce_partials_(partials, process_group)
+    flag = ops.teacache_decide_(partials, state, coefficients, threshold, force=force,
+                                max_consecutive_skips=max_consecutive_skips)
+    return flag, partials
+
+
+def finish_span_(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) -> Tensor:
+    """End of the cached span: writes the span's output into ``out`` and returns it.
+
+    compute: out is the blocks' output, kept as is; residual <- out - inp.
+    skip: out is ``inp`` passed through; out <- inp + residual, residual kept.
+    ``residual`` (updated in place) may have another float dtype than the
+    stream; it lives on the stream's device.
+    """
+    fresh = torch.empty_like(residual)
+    ops.residual_capture_(out, inp, fresh)
+    residual.copy_(torch.where(compute, fresh, residual))
+    skip = (~compute).reshape(1).expand(out.shape[0]).contiguous()
+    ops.residual_apply_(out, residual, mask=skip)
+    return out
+
+
+class SyncFreeBranch:
+    """All device state of one CFG branch in the wrapper's sync-free mode.
+
+    The schedule, the indicator's previous value, the decision state, the
+    residual, and per-step traces of the compute flag and the partials
+    (preallocated, written at the device step index; read only by
+    :meth:`stats`). Buffers that depend on the activations' shape are made on
+    the first call and remade when the shape changes (that call is then
+    forced: the schedule restarts at step 0).
+    """
+
+    def __init__(self, forced: Sequence[bool], device=None):
+        self.schedule = DeviceSchedule(forced, device)
+        n = self.schedule.num_steps
+        self.flags = torch.zeros(n, dtype=torch.bool, device=device)
+        self.partials = torch.full((n, 2), float("nan"), dtype=torch.float32, device=device)
+        self.prev: Optional[Tensor] = None
+        self.state: Optional[Tensor] = None
+        self.residual: Optional[Tensor] = None
+        # per call (set by the first block, read by the span's end)
+        self.compute: Optional[Tensor] = None
+        self.stream_in: Optional[Tensor] = None
+        self.captured: dict = {}
+
+    def prepare(self, x: Tensor, stream: Tensor, cache_dtype=None) -> None:
+        """Buffers for an indicator like ``x`` and a stream like ``stream``."""
+        dtype = cache_dtype or stream.dtype
+        if self.schedule.forced.device != x.device:
+            self.schedule.to(x.device)
+            self.flags, self.partials = self.flags.to(x.device), self.partials.to(x.device)
+        if (self.prev is None or self.prev.shape != x.shape or self.prev.dtype != x.dtype
+                or self.prev.device != x.device or self.residual.shape != stream.shape
+                or self.residual.dtype != dtype):
+            self.prev = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+            self.state = ops.new_decide_state((2,), x.device)
+            self.residual = torch.zeros(stream.shape, dtype=dtype, device=stream.device)
+            self.schedule.reset()
+
+    def record(self, step: Tensor, compute: Tensor, partials: Tensor) -> None:
+        """Write the call's flag and partials at its device step index."""
+        self.flags.index_copy_(0, step, compute.reshape(1))
+        self.partials.index_copy_(0, step, partials.reshape(1, 2))
+
+    def reset(self) -> None:
+        """A new generation: restart at step 0 (forced, so the cache refills)."""
+        self.schedule.reset()
+        if self.prev is not None:
+            self.prev.zero_()
+
+    def stats(self) -> dict:
+        """This generation's steps so far in the stats schema, plus ``calls``
+        and ``wraps``: the one host read of the traces."""
+        calls = int(self.schedule.calls)
+        n = (calls - 1) % self.schedule.num_steps + 1 if calls else 0
+        steps = self.flags[:n].tolist()
+        p = self.partials[:n].cpu()
+        computed = sum(steps)
+        batch = self.residual.shape[0] if self.residual is not None else 0
+        entry = branch_entry(computed=computed, skipped=n - computed, steps=steps,
+                             sample_computed=[computed] * batch,
+                             sample_skipped=[n - computed] * batch,
+                             rel_l1=(p[:, 0] / p[:, 1]).tolist())
+        return dict(entry, calls=calls, wraps=max(0, calls - 1) // self.schedule.num_steps)
+
+    def tensors(self):
+        return [t for t in (self.flags, self.partials, self.prev, self.state, self.residual,
+                            self.schedule.forced, self.schedule.calls) if t is not None]

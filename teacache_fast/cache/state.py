@@ -1,0 +1,191 @@
+"""Per-branch cache state and its numerics (host-read mode).
+
+A :class:`BranchState` holds what one CFG branch keeps between calls: the
+previous indicator (``prev``), the decision state, the residual of the last
+computed step, and counters for stats. Its methods are the only place where
+the wrapper's tensors meet the ops: the indicator's partial sums, the
+residual's capture and its application.
+
+:class:`CacheState` is one wrapped model's state: the call clock and the
+branches. A new generation drops every branch (their buffers are freed).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .clock import CallClock, Tick
+from .config import TeaCacheConfig
+from .decision import HostDecision
+
+__all__ = ["BranchState", "CacheState", "indicator_partials_", "reduce_partials_", "buffer_like"]
+
+
+def buffer_like(t: Optional[Tensor], like: Tensor, *, dtype=None, device=None, zero=False,
+                pin=False) -> Tensor:
+    """``t`` when it already has ``like``'s shape (and the dtype / device asked
+    for), else a fresh buffer: the one rule for every cache buffer."""
+    dtype = dtype or like.dtype
+    device = device or like.device
+    if t is not None and t.shape == like.shape and t.dtype == dtype and t.device == device:
+        return t
+    if zero:
+        return torch.zeros(like.shape, dtype=dtype, device=device)
+    return torch.empty(like.shape, dtype=dtype, device=device, pin_memory=pin)
+
+
+def indicator_partials_(x: Tensor, prev: Tensor, *, scale: Optional[Tensor] = None,
+                        shift: Optional[Tensor] = None, norm: Optional[str] = "layer",
+                        eps: float = 1e-6, per_sample: bool = False) -> Tensor:
+    """fp32 partials of the indicator against ``prev``; prev <- the new indicator.
+
+    norm=None compares ``x`` as is (a timestep embedding); otherwise x is
+    modulated first, in the same fused pass (modulated_rel_l1_).
+    """
+    if norm is None:
+        partials = ops.rel_l1_partials(x, prev, per_sample)
+        prev.copy_(x)
+        return partials
+    return ops.modulated_rel_l1_(x, scale, shift, prev, norm, eps, per_sample)
+
+
+def reduce_partials_(partials: Tensor, process_group: Any) -> Tensor:
+    """Sum the partials over a sequence-parallel group (in place), in rank
+    order, so every rank holds the same bits and takes the same decision."""
+    if process_group is not None:
+        from ..distributed import allreduce_partials_
+        allreduce_partials_(partials, process_group)
+    return partials
+
+
+class BranchState:
+    """Everything one CFG branch keeps between calls."""
+
+    def __init__(self):
+        self.prev: Optional[Tensor] = None           # indicator of the previous call
+        self.decision: Optional[HostDecision] = None  # [acc, skips] per state, on the host
+        self.residual: Optional[Tensor] = None       # stream_out - stream_in of the last compute
+        self.computed = 0
+        self.skipped = 0
+        self.sample_computed: Optional[List[int]] = None
+        self.sample_skipped: Optional[List[int]] = None
+        self.steps: List[bool] = []                  # per call: computed (all samples)?
+        self.partials: Dict[int, List[List[float]]] = {}  # step -> the host rows read
+
+    # ------------------------------------------------------------ indicator + decision
+
+    def partials_(self, x: Tensor, how: Dict[str, Any], per_sample: bool) -> Tensor:
+        """The indicator's partial sums against the previous call's; prev <- new."""
+        self.prev = buffer_like(self.prev, x, zero=True)  # a fresh prev: the call is forced
+        return indicator_partials_(x, self.prev, per_sample=per_sample, **how)
+
+    def decide(self, step: int, rows: List[List[float]], config: TeaCacheConfig,
+               force: bool) -> List[bool]:
+        """Host decision from the read partials (rows of ``[num, den]``); the
+        rows are kept for stats (the indicator trace)."""
+        if self.decision is None or len(self.decision) != len(rows):
+            self.decision = HostDecision(len(rows))
+        self.partials[step] = rows
+        return self.decision.step(rows, config.coefficients, config.threshold, force,
+                                  config.max_consecutive_skips)
+
+    def must_compute(self, stream: Tensor) -> bool:
+        """No residual to reuse for a stream like this one."""
+        return self.residual is None or self.residual.shape != stream.shape
+
+    def record(self, flags: List[bool]) -> None:
+        """Count one call's flags (one per sample)."""
+        if self.sample_computed is None or len(self.sample_computed) != len(flags):
+            self.sample_computed = [0] * len(flags)
+            self.sample_skipped = [0] * len(flags)
+        for i, f in enumerate(flags):
+            if f:
+                self.sample_computed[i] += 1
+            else:
+                self.sample_skipped[i] += 1
+        any_compute = any(flags)
+        self.computed += int(any_compute)
+        self.skipped += int(not any_compute)
+        self.steps.append(any_compute)
+
+    # ------------------------------------------------------------ residual numerics
+
+    def residual_buffer(self, like: Tensor, config: TeaCacheConfig) -> Tensor:
+        device = config.cache_device or like.device
+        pin = device.type == "cpu" and like.device.type == "cuda"
+        self.residual = buffer_like(self.residual, like, dtype=config.cache_dtype, device=device,
+                                    pin=pin)
+        return self.residual
+
+    def capture(self, out: Tensor, inp: Tensor, config: TeaCacheConfig) -> None:
+        """A computed step: residual <- out - inp."""
+        ops.residual_capture_(out, inp, self.residual_buffer(inp, config))
+
+    def apply(self, inp: Tensor) -> Tensor:
+        """A skipped step: ``inp + residual`` as a new tensor.
+
+        Not in place: ``inp`` belongs to the model's code, which may still
+        hold it (long skip connections).
+        """
+        h = inp.clone()
+        ops.residual_apply_(h, self.residual)
+        return h
+
+    def capture_and_apply_(self, out: Tensor, inp: Tensor, computing: Tensor,
+                           skip_mask: Tensor) -> Tensor:
+        """Some samples computed (``computing``: their indices; ``out``: their
+        outputs): capture their residuals, apply the others', merge."""
+        residual = self.residual
+        fresh = torch.empty(out.shape, dtype=residual.dtype, device=residual.device)
+        ops.residual_capture_(out, inp.index_select(0, computing.to(inp.device)), fresh)
+        residual.index_copy_(0, computing.to(residual.device), fresh)
+        h = inp.clone()
+        ops.residual_apply_(h, residual, mask=skip_mask)
+        h.index_copy_(0, computing.to(h.device), out)
+        return h
+
+
+class CacheState:
+    """All host-read state of one wrapped model: the clock and the branches."""
+
+    def __init__(self, config: TeaCacheConfig, scheduler: Any = None):
+        self.config = config
+        self.clock = CallClock(config.branches, config.num_steps, scheduler)
+        self.branches: Dict[int, BranchState] = {}
+        self.calls = 0
+
+    @property
+    def num_steps(self) -> Optional[int]:
+        return self.clock.num_steps
+
+    @property
+    def generations(self) -> int:
+        return self.clock.generations
+
+    def begin_call(self, timestep: Any, signature: Any) -> Tick:
+        """Place a call on the clock; a new generation drops every branch."""
+        tick = self.clock.next_call(timestep, signature)
+        if tick.restarted is not None:
+            self._drop()
+        self.calls += 1
+        return tick
+
+    def branch(self, index: int) -> BranchState:
+        if index not in self.branches:
+            self.branches[index] = BranchState()
+        return self.branches[index]
+
+    def restart(self) -> None:
+        """A new generation now (``teacache_fast.reset``)."""
+        self.clock.restart()
+        self._drop()
+
+    def _drop(self) -> None:
+        self.branches = {}
+        self.calls = 0
+
+    def tensors(self) -> Sequence[Tensor]:
+        return [t for b in self.branches.values() for t in (b.prev, b.residual) if t is not None]

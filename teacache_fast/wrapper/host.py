@@ -1,0 +1,250 @@
+"""HostRunner: the default mode. The decision is made on the host, once per call.
+
+The first block of a call runs one host region (:meth:`HostRunner._host_decide`):
+place the call on the clock, run the indicator op, read its fp32 partials
+(the one sync of a call), decide on the host with the kernel's fp32
+arithmetic, set the call's mode. Under torch.compile that region is not
+traced (one graph break per call) and the graphs only see the mode, never a
+counter, so their number does not grow with the steps.
+
+Modes: ``compute`` (every block runs; the span's end captures ``out - in``),
+``skip`` (every block returns its inputs at once; the span's end adds the
+residual), and, per sample when samples disagree, ``subset`` (the blocks run
+on the computing samples only) or ``mixed`` (the whole batch runs, for
+adapters whose code between blocks mixes the batch).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..cache.config import TeaCacheConfig
+from ..cache.state import BranchState, CacheState, reduce_partials_
+from ..cache.stats import branch_entry, rel_l1_from_rows, summary
+from ..models.base import Adapter, BlockCall, signature_of
+from ._compat import host_only
+from .batch import refill_outputs, select_arguments
+from .indicator import indicator_of
+
+__all__ = ["HostRunner"]
+
+COMPUTE, SKIP, SUBSET, MIXED = "compute", "skip", "subset", "mixed"
+
+
+class HostCall:
+    """One transformer call: its arguments; its branch, step and mode once the
+    first block ran the host region."""
+
+    __slots__ = ("args", "kwargs", "branch", "state", "step", "mode", "captured", "stream_in",
+                 "partials", "flags", "compute_idx", "batch", "skip_out0", "_idx")
+
+    def __init__(self, args: tuple, kwargs: dict):
+        self.args, self.kwargs = args, kwargs
+        self.branch = 0
+        self.state: Optional[BranchState] = None
+        self.step = 0
+        self.mode: Optional[str] = None
+        self.captured: Dict[str, Any] = {}
+        self.stream_in: Optional[Tensor] = None
+        self.partials: Optional[Tensor] = None
+        self.flags: List[bool] = []
+        self.compute_idx: List[int] = []
+        self.batch = 0
+        self.skip_out0: Any = None      # block 0's passthrough, to refill the batch (subset)
+        self._idx: Dict[torch.device, Tensor] = {}
+
+    def index(self, device: torch.device) -> Tensor:
+        """The computing samples' indices on ``device`` (built once per device)."""
+        if device not in self._idx:
+            self._idx[device] = torch.tensor(self.compute_idx, dtype=torch.long, device=device)
+        return self._idx[device]
+
+
+class HostRunner:
+    """Routes one cached model's events in host-read mode."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, config: TeaCacheConfig,
+                 scheduler: Any = None, process_group: Any = None):
+        self.model, self.adapter, self.config = model, adapter, config
+        self.state = CacheState(config, scheduler)
+        self.process_group = process_group
+        self.model_signature = signature_of(model.forward)
+        self.call: Optional[HostCall] = None
+        self._host_decide = host_only(self._host_decide)
+        self._observe = host_only(self._observe)
+        self._fast_skip = adapter.passthrough is None   # a skipped block returns its stream
+
+    # ------------------------------------------------------------ events
+
+    def model_call(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        # branch and step are placed at the first block, in the host region:
+        # here, under torch.compile, they would be guarded on (a graph per step)
+        self.call = HostCall(args, kwargs)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            self.call = None
+
+    def block(self, index: int, ends_span: bool, original: Callable, args: tuple, kwargs: dict):
+        call = self.call
+        if call is None:  # the block is run outside the model's forward
+            return original(*args, **kwargs)
+        if index == 0:
+            self._decide(call, original, args, kwargs)
+        mode = call.mode
+        if mode == SKIP:
+            out = kwargs.get(self.adapter.stream) if self._fast_skip else None
+            if out is None:  # no binding when the stream came by name
+                out = self.adapter.skip_output(BlockCall(original, args, kwargs, self.model))
+            elif not ends_span:
+                return out
+        elif mode == SUBSET:
+            args, kwargs = select_arguments(original, args, kwargs, self.adapter.unbatched,
+                                            call.batch, call.index)
+            out = original(*args, **kwargs)
+        else:
+            out = original(*args, **kwargs)
+        if ends_span:
+            out = self._finish(call, out)
+        return out
+
+    def tail(self, original: Callable, args: tuple, kwargs: dict):
+        call = self.call
+        if call is not None and call.mode == SKIP:
+            return args[0] if args else next(iter(kwargs.values()))
+        return original(*args, **kwargs)
+
+    def end(self, original: Callable, x: Tensor, args: tuple, kwargs: dict):
+        call = self.call
+        if call is not None and call.mode is not None:
+            x = self._finish_stream(call, x)
+        return original(x, *args, **kwargs)
+
+    def captured(self, name: str, output: Any) -> None:
+        if self.call is not None:
+            self.call.captured[name] = output
+
+    def set_timesteps_done(self) -> None:
+        self.state.clock.set_timesteps_done()
+
+    def scheduler_step_done(self) -> None:
+        self.state.clock.step_done()
+
+    def restart(self) -> None:
+        self.state.restart()
+
+    def close(self) -> None:
+        self.state.restart()
+        self.call = None
+
+    # ------------------------------------------------------------ the decision
+
+    def _decide(self, call: HostCall, original: Callable, args: tuple, kwargs: dict) -> None:
+        """Traced part of the decision: the indicator's inputs (e.g. the
+        modulation of the first block, which compiles with the model), then
+        the host region. The one graph break of a call is here."""
+        first = BlockCall(original, args, kwargs, self.model, call.captured)
+        stream = first[self.adapter.stream]
+        x, how = indicator_of(self.adapter, first)
+        self._host_decide(call, stream, x, how, first)
+
+    def _host_decide(self, call: HostCall, stream: Tensor, x: Tensor, how: Dict[str, Any],
+                     first: BlockCall) -> None:
+        """Host region: place the call, run the indicator op, read the
+        partials (the one sync), decide, record, set ``call.mode``."""
+        if torch.is_grad_enabled() and (stream.requires_grad or x.requires_grad):
+            raise RuntimeError(
+                f"TeaCache on {type(self.model).__name__} is inference-only (a skipped step has no "
+                "gradient): call the model under torch.no_grad() or torch.inference_mode(), as "
+                "diffusers pipelines do")
+        cfg = self.config
+        tick = self._place(call)
+        bs = call.state
+        partials = bs.partials_(x, how, cfg.per_sample)
+        if cfg.per_sample and partials.shape[0] != stream.shape[0]:
+            raise RuntimeError(f"per_sample=True: the indicator has batch {partials.shape[0]} but "
+                               f"the hidden states have batch {stream.shape[0]}")
+        reduce_partials_(partials, self.process_group)
+        rows = partials.reshape(-1, 2).tolist()   # the one host read of this call
+        forced = cfg.forced(tick.step, tick.num_steps, self.adapter.forced)
+        flags = bs.decide(tick.step, rows, cfg, force=forced or bs.must_compute(stream))
+        if len(flags) == 1:
+            flags = flags * stream.shape[0]   # one decision for the whole batch
+        bs.record(flags)
+        call.partials, call.flags, call.stream_in, call.batch = partials, flags, stream, stream.shape[0]
+        if all(flags):
+            call.mode = COMPUTE
+            bs.residual_buffer(stream, cfg)  # allocated here: the graphs only fill it
+        elif not any(flags):
+            call.mode = SKIP
+        else:
+            call.compute_idx = [i for i, f in enumerate(flags) if f]
+            call.mode = SUBSET if self.adapter.subset else MIXED
+            call.index(stream.device)  # built here, not in the graph
+            if call.mode == SUBSET:
+                call.skip_out0 = self.adapter.skip_output(first)
+
+    def _place(self, call: HostCall):
+        """The call's branch and step on the clock (may start a generation)."""
+        bound = _bind(self.model_signature, call.args, call.kwargs)
+        t_arg = bound.get(self.adapter.timestep_arg) if self.adapter.timestep_arg else None
+        signature = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in bound.items()
+                          if isinstance(v, Tensor))
+        tick = self.state.begin_call(t_arg, signature)
+        call.branch, call.step, call.state = tick.branch, tick.step, self.state.branch(tick.branch)
+        return tick
+
+    # ------------------------------------------------------------ span end
+
+    def _finish(self, call: HostCall, out: Any) -> Any:
+        """At the last block's output: capture or apply the residual on the stream."""
+        stream = self._finish_stream(call, self.adapter.output_stream(out))
+        if call.mode == SUBSET:
+            out = refill_outputs(out, call.skip_out0, self.adapter.output_index, call.batch,
+                                 len(call.compute_idx), call.index)
+        return self.adapter.with_stream(out, stream)
+
+    def _finish_stream(self, call: HostCall, out: Tensor) -> Tensor:
+        bs, inp = call.state, call.stream_in
+        if call.mode == COMPUTE:
+            bs.capture(out, inp, self.config)
+            if self.config.observer is not None:  # a host callback: a break only when set
+                self._observe(call, out)
+            return out
+        if call.mode == SKIP:
+            return bs.apply(inp)
+        # some samples computed: out holds them all (SUBSET) or the whole batch (MIXED)
+        if call.mode == MIXED:
+            out = out.index_select(0, call.index(out.device))
+        skip_mask = torch.tensor([not f for f in call.flags], dtype=torch.bool, device=inp.device)
+        return bs.capture_and_apply_(out, inp, call.index(inp.device), skip_mask)
+
+    def _observe(self, call: HostCall, out: Tensor) -> None:
+        """Host side (not traced): the observer gets the call's step as an int."""
+        self.config.observer(call.branch, call.step, call.partials, call.stream_in, out)
+
+    # ------------------------------------------------------------ inspection
+
+    def stats(self) -> Dict[str, Any]:
+        st = self.state
+        branches = {i: branch_entry(computed=b.computed, skipped=b.skipped, steps=b.steps,
+                                    sample_computed=b.sample_computed or [],
+                                    sample_skipped=b.sample_skipped or [],
+                                    rel_l1=rel_l1_from_rows(b.partials))
+                    for i, b in st.branches.items()}
+        return summary(branches, calls=st.calls, num_steps=st.num_steps,
+                       generations=st.generations)
+
+    def tensors(self) -> List[Tensor]:
+        return list(self.state.tensors())
+
+
+def _bind(sig, args: tuple, kwargs: dict) -> Dict[str, Any]:
+    if sig is None:
+        return dict(kwargs)
+    try:
+        return dict(sig.bind_partial(*args, **kwargs).arguments)
+    except TypeError:
+        return dict(kwargs)
