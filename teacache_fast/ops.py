@@ -144,6 +144,18 @@ def check_threshold(threshold) -> float:
     return float(threshold)
 
 
+def _dispatch(impl, op, ref: Tensor):
+    """What runs a checked call: the implementation itself in eager mode (the
+    arguments are checked already; torch.library dispatch would add 25-130 us
+    per call), the registered op when anything traces or intercepts (Dynamo,
+    a dispatch mode such as make_fx or FakeTensor, a tensor subclass), so
+    torch.compile sees one node per op."""
+    if type(ref) is Tensor and not torch.compiler.is_compiling() \
+            and not torch._C._len_torch_dispatch_stack():
+        return impl
+    return op
+
+
 def _backend(t: Tensor):
     return get_backend(backend_for(t))
 
@@ -168,11 +180,13 @@ def _write_back(dst: Tensor, fn) -> None:
 
 # --------------------------------------------------------------------------- modulate
 
-@torch.library.custom_op("teacache_fast::modulate", mutates_args=())
-def _modulate(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], norm: str, eps: float) -> Tensor:
+def _modulate_impl(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], norm: str, eps: float) -> Tensor:
     x3 = _as_rows3(x)
     m = _backend(x).modulate(x3, _contig(scale), _contig(shift), norm, eps)
     return m.view(x.shape)
+
+
+_modulate = torch.library.custom_op("teacache_fast::modulate", _modulate_impl, mutates_args=())
 
 
 @_modulate.register_fake
@@ -192,7 +206,7 @@ def modulate(x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] 
     _check_norm(norm, eps)
     scale = _modulation_rows("scale", scale, x)
     shift = _modulation_rows("shift", shift, x)
-    return torch.ops.teacache_fast.modulate(x, scale, shift, norm, float(eps))
+    return _dispatch(_modulate_impl, _modulate, x)(x, scale, shift, norm, float(eps))
 
 
 # --------------------------------------------------------------------------- rel_l1_partials
@@ -201,12 +215,15 @@ def _partials_shape(t: Tensor, per_sample: bool):
     return (t.shape[0], 2) if per_sample else (2,)
 
 
-@torch.library.custom_op("teacache_fast::rel_l1_partials", mutates_args=())
-def _rel_l1_partials(cur: Tensor, prev: Tensor, per_sample: bool) -> Tensor:
+def _rel_l1_partials_impl(cur: Tensor, prev: Tensor, per_sample: bool) -> Tensor:
     rows = cur.shape[0] if per_sample else 1
     c2 = cur.reshape(rows, -1).contiguous()
     p2 = prev.reshape(rows, -1).contiguous()
     return _backend(cur).rel_l1_partials(c2, p2, per_sample)
+
+
+_rel_l1_partials = torch.library.custom_op("teacache_fast::rel_l1_partials", _rel_l1_partials_impl,
+                                           mutates_args=())
 
 
 @_rel_l1_partials.register_fake
@@ -226,13 +243,12 @@ def rel_l1_partials(cur: Tensor, prev: Tensor, per_sample: bool = False) -> Tens
     if per_sample and cur.dim() < 2:
         raise ValueError(f"per_sample=True needs a batch dimension: cur must be (B, ...), "
                          f"got shape {tuple(cur.shape)}")
-    return torch.ops.teacache_fast.rel_l1_partials(cur, prev, per_sample)
+    return _dispatch(_rel_l1_partials_impl, _rel_l1_partials, cur)(cur, prev, per_sample)
 
 
 # --------------------------------------------------------------------------- modulated_rel_l1_
 
-@torch.library.custom_op("teacache_fast::modulated_rel_l1_", mutates_args=("prev",))
-def _modulated_rel_l1(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], prev: Tensor,
+def _modulated_rel_l1_impl(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], prev: Tensor,
                       norm: str, eps: float, per_sample: bool) -> Tensor:
     x3 = _as_rows3(x)
     be = _backend(x)
@@ -244,6 +260,10 @@ def _modulated_rel_l1(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor
 
     _write_back(prev, run)
     return result[0]
+
+
+_modulated_rel_l1 = torch.library.custom_op("teacache_fast::modulated_rel_l1_", _modulated_rel_l1_impl,
+                                            mutates_args=("prev",))
 
 
 @_modulated_rel_l1.register_fake
@@ -265,13 +285,13 @@ def modulated_rel_l1_(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor
     shift = _modulation_rows("shift", shift, x)
     _check_like("prev", prev, "x", x)
     _check_bool("per_sample", per_sample)
-    return torch.ops.teacache_fast.modulated_rel_l1_(x, scale, shift, prev, norm, float(eps), per_sample)
+    return _dispatch(_modulated_rel_l1_impl, _modulated_rel_l1, x)(x, scale, shift, prev, norm,
+                                                                    float(eps), per_sample)
 
 
 # --------------------------------------------------------------------------- teacache_decide_
 
-@torch.library.custom_op("teacache_fast::teacache_decide_", mutates_args=("state",))
-def _decide(partials: Tensor, state: Tensor, coefficients: List[float], threshold: float,
+def _decide_impl(partials: Tensor, state: Tensor, coefficients: List[float], threshold: float,
             force: Tensor, max_consecutive_skips: int) -> Tensor:
     lead = partials.shape[:-1]
     p2 = partials.reshape(-1, 2).contiguous()
@@ -285,6 +305,10 @@ def _decide(partials: Tensor, state: Tensor, coefficients: List[float], threshol
 
     _write_back(state, run)
     return result[0].view(lead)
+
+
+_decide = torch.library.custom_op("teacache_fast::teacache_decide_", _decide_impl,
+                                  mutates_args=("state",))
 
 
 @_decide.register_fake
@@ -338,13 +362,13 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: f
         raise ValueError(f"max_consecutive_skips must be None or an int >= 0, got {max_consecutive_skips!r}")
     else:
         max_skips = int(max_consecutive_skips)
-    return torch.ops.teacache_fast.teacache_decide_(partials, state, coeffs, float(threshold), force, max_skips)
+    return _dispatch(_decide_impl, _decide, partials)(partials, state, coeffs, float(threshold),
+                                                      force, max_skips)
 
 
 # --------------------------------------------------------------------------- residual ops
 
-@torch.library.custom_op("teacache_fast::residual_capture_", mutates_args=("residual",))
-def _residual_capture(out: Tensor, inp: Tensor, residual: Tensor) -> None:
+def _residual_capture_impl(out: Tensor, inp: Tensor, residual: Tensor) -> None:
     o1 = out.reshape(-1).contiguous()
     i1 = inp.reshape(-1).contiguous()
     be = _backend(out)
@@ -354,6 +378,10 @@ def _residual_capture(out: Tensor, inp: Tensor, residual: Tensor) -> None:
         tmp = torch.empty(o1.shape, dtype=residual.dtype, device=out.device)
         be.residual_capture_(o1, i1, tmp)
         residual.copy_(tmp.view(residual.shape), non_blocking=True)
+
+
+_residual_capture = torch.library.custom_op("teacache_fast::residual_capture_", _residual_capture_impl,
+                                            mutates_args=("residual",))
 
 
 @_residual_capture.register_fake
@@ -371,11 +399,10 @@ def residual_capture_(out: Tensor, inp: Tensor, residual: Tensor) -> None:
     _check_like("inp", inp, "out", out)
     _check_tensor("residual", residual)
     _check_same_shape("residual", residual, "out", out)
-    torch.ops.teacache_fast.residual_capture_(out, inp, residual)
+    _dispatch(_residual_capture_impl, _residual_capture, out)(out, inp, residual)
 
 
-@torch.library.custom_op("teacache_fast::residual_apply_", mutates_args=("hidden",))
-def _residual_apply(hidden: Tensor, residual: Tensor, mask: Optional[Tensor]) -> None:
+def _residual_apply_impl(hidden: Tensor, residual: Tensor, mask: Optional[Tensor]) -> None:
     B = hidden.shape[0]
     if residual.device != hidden.device:
         residual = residual.to(hidden.device, non_blocking=True)
@@ -383,6 +410,10 @@ def _residual_apply(hidden: Tensor, residual: Tensor, mask: Optional[Tensor]) ->
     m1 = _contig(mask)
     be = _backend(hidden)
     _write_back(hidden, lambda buf: be.residual_apply_(buf.view(B, -1), r2, m1))
+
+
+_residual_apply = torch.library.custom_op("teacache_fast::residual_apply_", _residual_apply_impl,
+                                          mutates_args=("hidden",))
 
 
 @_residual_apply.register_fake
@@ -405,4 +436,4 @@ def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor] = N
         if mask.shape != (hidden.shape[0],):
             raise ValueError(f"mask must have shape ({hidden.shape[0]},) (one flag per sample of "
                              f"hidden), got {tuple(mask.shape)}")
-    torch.ops.teacache_fast.residual_apply_(hidden, residual, mask)
+    _dispatch(_residual_apply_impl, _residual_apply, hidden)(hidden, residual, mask)
