@@ -6,6 +6,7 @@ for one step, :meth:`forced_table` for a whole schedule.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, List, Optional, Sequence
@@ -108,6 +109,10 @@ class TeaCacheConfig:
                     raise ValueError(f"sync_free=True cannot be combined with {name}= (it {why}); "
                                      f"use sync_free=False for {name}")
         return self
+
+    def backend_scope(self):
+        """A context in which the ops run on this config's backend (when one is forced)."""
+        return ops.use_backend(self.backend) if self.backend else contextlib.nullcontext()
 
     def forced(self, step: int, num_steps: int, rule: Callable[[int, int], bool]) -> bool:
         """Host-side forced-step rule: the family's rule, ret_steps and the window."""

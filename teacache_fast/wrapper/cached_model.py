@@ -14,7 +14,6 @@ from typing import Any, Callable, Dict, List
 
 from torch import Tensor, nn
 
-from .. import ops
 from ..cache.config import TeaCacheConfig
 from ..cache.stats import cache_bytes
 from ..models.base import Adapter
@@ -72,11 +71,11 @@ class CachedModel:
         self.runner.close()
 
     def _model_forward(self, forward: Callable) -> Callable:
-        runner, backend = self.runner, self.config.backend
+        runner, config = self.runner, self.config
 
         def model_forward(*args, **kwargs):
-            if backend:
-                with ops.use_backend(backend):
+            if config.backend:
+                with config.backend_scope():
                     return runner.model_call(forward, args, kwargs)
             return runner.model_call(forward, args, kwargs)
         return model_forward
