@@ -16,10 +16,10 @@ TEACACHE_FAST_BUILD_CUDA=1 TEACACHE_FAST_WERROR=1 TEACACHE_FAST_CUDA_ARCHS="80;9
 echo "== import teacache_fast._C"
 "$PY" - <<'PY'
 import teacache_fast._C as C
+from teacache_fast.ops import OP_NAMES
 archs = set(C.CUDA_ARCHS)
 assert {"sm_80", "sm_90"} <= archs, f"compiled archs {C.CUDA_ARCHS}"
-for name in ("modulate", "rel_l1_partials", "modulated_rel_l1_", "teacache_decide_",
-             "residual_capture_", "residual_apply_"):
+for name in OP_NAMES:
     assert callable(getattr(C, name)), name
 print(f"teacache_fast._C {C.__version__}: archs {C.CUDA_ARCHS}, CUDA runtime {C.CUDART_VERSION}")
 PY

@@ -29,8 +29,13 @@ from torch import Tensor
 from .backends import (BACKENDS, BackendUnavailableError, backend_for, get_backend,
                        unavailable_reason, use_backend)
 
+# The six ops: their names are the contract (torch.ops.teacache_fast.<name>,
+# teacache_fast._C.<name>, the Triton files, the benchmarks).
+OP_NAMES = ("modulate", "rel_l1_partials", "modulated_rel_l1_", "teacache_decide_",
+            "residual_capture_", "residual_apply_")
+
 __all__ = [
-    "modulate", "rel_l1_partials", "modulated_rel_l1_", "teacache_decide_",
+    "OP_NAMES", "modulate", "rel_l1_partials", "modulated_rel_l1_", "teacache_decide_",
     "residual_capture_", "residual_apply_", "new_decide_state", "backend_for",
     "use_backend", "BackendUnavailableError", "SUPPORTED_DTYPES", "NORMS",
     "MAX_COEFFICIENTS", "unavailable_reason", "BACKENDS",

@@ -73,9 +73,20 @@ def test_cpu_tensors_use_torch_backend():
     assert backend_for(torch.zeros(1)) == "torch"
 
 
+def _not_auto(device) -> str:
+    """A runnable backend that ``auto`` would NOT pick for tensors on ``device``,
+    so a test of forcing can fail."""
+    auto = backend_for(torch.zeros(1, device=device))
+    for name in ("triton", "torch", "cuda"):
+        if name != auto and ops.unavailable_reason(name, device) is None:
+            return name
+    pytest.skip(f"only {auto!r} runs on {device}")
+
+
 def test_env_var_forces_backend(monkeypatch):
-    monkeypatch.setenv("TEACACHE_FAST_BACKEND", "torch")
-    assert backend_for(torch.zeros(1, device=DEV)) == "torch"
+    forced = _not_auto(DEV)
+    monkeypatch.setenv("TEACACHE_FAST_BACKEND", forced)
+    assert backend_for(torch.zeros(1, device=DEV)) == forced
 
 
 def test_unknown_backend_name_is_an_error(monkeypatch):
@@ -103,11 +114,16 @@ def test_forced_triton_without_interpreter_says_why(monkeypatch):
 
 
 def test_use_backend_beats_env_and_restores(monkeypatch):
-    monkeypatch.setenv("TEACACHE_FAST_BACKEND", "cuda")
-    with ops.use_backend("torch"):
-        assert backend_for(torch.zeros(1)) == "torch"
+    auto = backend_for(torch.zeros(1, device=DEV))
+    forced = _not_auto(DEV)
+    monkeypatch.setenv("TEACACHE_FAST_BACKEND", auto)
+    with ops.use_backend(forced):
+        assert backend_for(torch.zeros(1, device=DEV)) == forced
+    assert backend_for(torch.zeros(1, device=DEV)) == auto
     monkeypatch.setenv("TEACACHE_FAST_BACKEND", "auto")
-    assert backend_for(torch.zeros(1)) == "torch"
+    with ops.use_backend(forced):
+        assert backend_for(torch.zeros(1, device=DEV)) == forced
+    assert backend_for(torch.zeros(1, device=DEV)) == auto
 
 
 def test_requires_grad_is_rejected_under_grad_mode():
