@@ -36,3 +36,17 @@ def _clean_backend_env(monkeypatch):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random FluxTransformer2DModel (1 + 1 blocks), shared by a module's tests."""
+    from tiny_models import tiny_flux
+    return tiny_flux(0)
+
+
+@pytest.fixture
+def no_grad():
+    """Inference mode for the test (use with pytest.mark.usefixtures)."""
+    with torch.no_grad():
+        yield

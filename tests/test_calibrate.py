@@ -226,10 +226,6 @@ def _cfg_sample(tiny, r):
     return tiny_models.euler_sample(tiny, tiny.latents(1, seed=r), STEPS, guidance=2.0)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_models.tiny_flux(0)
-
 
 @pytest.fixture(scope="module")
 def calibrated(tiny):

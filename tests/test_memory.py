@@ -17,15 +17,8 @@ from tiny_models import euler_sample, tiny_flux
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_flux(0)
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def _state_tensors(model):

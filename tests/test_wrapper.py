@@ -18,15 +18,8 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_flux(0)
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def _run(tiny, threshold, steps=STEPS, batch=1, seed=0, **kw):

@@ -7,7 +7,7 @@ import torch
 import teacache_fast as tf
 from teacache_fast.models import flux
 
-from tiny_models import euler_sample, sigmas, single_thread, tiny_flux
+from tiny_models import euler_sample, sigmas, single_thread
 
 STEPS = 10
 # poly(r) = r: the plain accumulated relative L1, so samples that move at
@@ -20,10 +20,6 @@ def _setup():
     with single_thread(), torch.no_grad():
         yield
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_flux(0)
 
 
 def _latents(tiny):

@@ -21,10 +21,6 @@ STEPS = 6
 THRESHOLD = 0.6
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_flux(0)
-
 
 @pytest.fixture(autouse=True)
 def _quiet():
