@@ -123,7 +123,7 @@ def test_json_round_trip_and_plot(tmp_path):
     assert data["degree"] == 4 and data["num_pairs"] == 22 and data["num_runs"] == 2
     assert data["model_class"] == "Toy" and data["variant"] == "toy-v1"
     assert data["step_range"] == [1, 12] and data["r2"] == pytest.approx(res.r2)
-    assert data["library_version"] == cal.__version__
+    assert data["library_version"] == tf.__version__
     assert [row["threshold"] for row in data["thresholds"]] == [0.2, 0.5]
     res.plot(tmp_path / "fit.png")
     assert (tmp_path / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

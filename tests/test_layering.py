@@ -25,7 +25,7 @@ ALLOWED: Dict[str, Tuple[str, ...]] = {
     f"{PKG}.__init__": (f"{PKG}.api", f"{PKG}.cache", f"{PKG}.ops", f"{PKG}._version"),
     f"{PKG}.api": (f"{PKG}.wrapper", f"{PKG}.cache", f"{PKG}.models", f"{PKG}.preset_json",
                    f"{PKG}.distributed", f"{PKG}.ops"),
-    f"{PKG}.calibrate": (f"{PKG}.api", f"{PKG}.cache", f"{PKG}.models", f"{PKG}.preset_json",
+    f"{PKG}.calibrate": (f"{PKG}.calibrate", f"{PKG}.api", f"{PKG}.cache", f"{PKG}.models", f"{PKG}.preset_json",
                          f"{PKG}.ops", f"{PKG}._version", f"{PKG}.backends"),
     f"{PKG}.quality": (),
     f"{PKG}.sync_free": (f"{PKG}.cache", f"{PKG}.wrapper"),
