@@ -19,7 +19,6 @@ residual_apply_             ``hidden += residual`` (optionally per-sample mask)
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import List, Optional
 
@@ -41,113 +40,12 @@ __all__ = [
     "MAX_COEFFICIENTS", "unavailable_reason", "BACKENDS",
 ]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-NORMS = ("layer", "rms", "none")
-MAX_COEFFICIENTS = 9  # polynomial degree 0..8
-
-
-# --------------------------------------------------------------------------- checks
-
-def _dtype_names() -> str:
-    return "float32, float16 or bfloat16"
-
-
-def _check_tensor(name: str, t, *, min_dim: int = 1, dtypes=SUPPORTED_DTYPES) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        expected = _dtype_names() if dtypes is SUPPORTED_DTYPES else ", ".join(map(str, dtypes))
-        raise TypeError(f"{name} must have dtype {expected}, got {t.dtype}")
-    if t.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
-    if t.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            f"{name} requires grad: teacache_fast ops are inference-only and have no backward; "
-            "call them under torch.no_grad() / torch.inference_mode() or pass a detached tensor")
-
-
-def _check_same_device(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
-                         "they must be on the same device")
-
-
-def _check_same_shape(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
-    if t.shape != ref.shape:
-        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, "
-                         f"got {tuple(t.shape)}")
-
-
-def _check_like(name: str, t, ref_name: str, ref: Tensor) -> None:
-    """t is a valid tensor with ref's device, shape and dtype (e.g. prev vs x)."""
-    _check_tensor(name, t)
-    _check_same_device(name, t, ref_name, ref)
-    _check_same_shape(name, t, ref_name, ref)
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
-
-
-def _check_norm(norm, eps) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-
-
-def _modulation_rows(name: str, p, x: Tensor) -> Optional[Tensor]:
-    """Check a scale/shift tensor against x (B, *, C); return it as (B or 1, C)."""
-    if p is None:
-        return None
-    _check_tensor(name, p)
-    _check_same_device(name, p, "x", x)
-    B, C = x.shape[0], x.shape[-1]
-    ok = (p.dim() == 2 or (p.dim() == 3 and p.shape[1] == 1)) and p.shape[-1] == C \
-        and p.shape[0] in (1, B)
-    if not ok:
-        raise ValueError(f"{name} must have shape ({B}, {C}), ({B}, 1, {C}) or a batch of 1 "
-                         f"to broadcast, for x of shape {tuple(x.shape)}; got {tuple(p.shape)}")
-    return p.reshape(p.shape[0], C)
-
-
-def _check_x(x: Tensor) -> None:
-    _check_tensor("x", x, min_dim=2)
-
-
-def _check_bool(name: str, v) -> None:
-    if not isinstance(v, bool):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-
-
-def _as_coefficients(coefficients) -> List[float]:
-    if isinstance(coefficients, torch.Tensor):
-        if coefficients.dim() != 1:
-            raise ValueError(f"coefficients must be 1-D, got shape {tuple(coefficients.shape)}")
-        coefficients = coefficients.tolist()
-    if isinstance(coefficients, (str, bytes)) or not hasattr(coefficients, "__iter__"):
-        raise TypeError(f"coefficients must be a sequence of numbers, got {type(coefficients).__name__}")
-    values = list(coefficients)
-    if not 1 <= len(values) <= MAX_COEFFICIENTS:
-        raise ValueError(f"coefficients must hold 1 to {MAX_COEFFICIENTS} numbers (highest power "
-                         f"first, e.g. 5 for a degree-4 polynomial), got {len(values)}")
-    out = []
-    for i, c in enumerate(values):
-        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(float(c)):
-            raise ValueError(f"coefficients[{i}] must be a finite number, got {c!r}")
-        out.append(float(c))
-    return out
+from ._checks import (MAX_COEFFICIENTS, NORMS, SUPPORTED_DTYPES, _as_coefficients, _check_bool,  # noqa: F401
+                      _check_like, _check_norm, _check_same_device, _check_same_shape,
+                      _check_tensor, _check_x, _modulation_rows, check_threshold)
 
 
 # --------------------------------------------------------------------------- plumbing
-
-def check_threshold(threshold) -> float:
-    """The one threshold rule (ops and TeaCacheConfig): a finite number >= 0."""
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
-            or not math.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-    return float(threshold)
-
 
 def _dispatch(impl, op, ref: Tensor):
     """What runs a checked call: the implementation itself in eager mode (the

@@ -82,6 +82,7 @@ CASES = [
     ("ops.teacache_decide_(partials, state, [], 0.1)", ValueError, "coefficients"),
     ("ops.teacache_decide_(partials, state, [1.0] * 10, 0.1)", ValueError, "coefficients"),
     ("ops.teacache_decide_(partials, state, [1.0, float('inf')], 0.1)", ValueError, "coefficients[1]"),
+    ("ops.teacache_decide_(partials, state, [1e300, 0.0], 0.1)", ValueError, "coefficients[0]"),  # inf in fp32
     ("ops.teacache_decide_(partials, state, '1 0', 0.1)", TypeError, "coefficients"),
     ("ops.teacache_decide_(partials, state, torch.ones(2, 2), 0.1)", ValueError, "coefficients"),
     ("ops.teacache_decide_(partials, state, coeffs, -0.1)", ValueError, "threshold"),
