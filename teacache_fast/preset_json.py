@@ -31,9 +31,11 @@ import numbers
 import os
 from typing import Any
 
+from .ops import MAX_COEFFICIENTS
+
 FORMAT = "teacache_fast.preset"
 FORMAT_VERSION = 1
-MAX_DEGREE = 8  # the decision op takes at most 9 coefficients
+MAX_DEGREE = MAX_COEFFICIENTS - 1  # the highest degree the decision op evaluates
 
 _REQUIRED = ("model_class", "coefficients", "degree")
 
@@ -70,8 +72,8 @@ def validate_preset(data: Any, path="<dict>") -> dict:
     if variant is not None and not isinstance(variant, str):
         raise _fail(path, f"'variant' must be a string or null, got {variant!r}")
     coeffs = data["coefficients"]
-    if not isinstance(coeffs, list) or not 1 <= len(coeffs) <= MAX_DEGREE + 1:
-        raise _fail(path, f"'coefficients' must be a list of 1 to {MAX_DEGREE + 1} numbers "
+    if not isinstance(coeffs, list) or not 1 <= len(coeffs) <= MAX_COEFFICIENTS:
+        raise _fail(path, f"'coefficients' must be a list of 1 to {MAX_COEFFICIENTS} numbers "
                           f"(highest power first), got {coeffs!r}")
     for i, c in enumerate(coeffs):
         if not _finite(c):

@@ -144,12 +144,12 @@ def test_registry_errors_and_variants():
     with pytest.raises(ValueError, match="CogVideoXTransformer3DModel.*adapter=teacache_fast.models.Adapter"):
         tf.apply_teacache(torch.nn.Conv2d(1, 1, 1), num_steps=4)
     ret = models.adapter_for(tiny.model, variant="t2v-14b-ret")
-    assert ret.coefficients == list(wan.VARIANTS["t2v-14b-ret"].coefficients)
+    assert ret.coefficients == list(wan.FAMILY.variants["t2v-14b-ret"].coefficients)
     assert ret.coefficients[0] == -3.03318725e+05 and ret.threshold == 0.10
     assert models.adapter_for(tiny.model, preset="wan", variant="i2v-720p").threshold == 0.20
     cog = TINY["cogvideox"](0)
     assert models.adapter_for(cog.model).variant == "5b"
-    assert cogvideox.VARIANTS["2b"].coefficients[0] == -3.10658903e+01
+    assert cogvideox.FAMILY.variants["2b"].coefficients[0] == -3.10658903e+01
     listed = models.presets()
     assert set(listed) == set(TINY)
     assert listed["flux"]["variants"]["dev"]["thresholds"] == (0.25, 0.4, 0.6, 0.8)

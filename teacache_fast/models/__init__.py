@@ -1,60 +1,96 @@
-"""Model presets (one file per family) and their registry by diffusers class name.
+"""Model presets: one :class:`Family` record per family, and the registry.
 
-A family module exposes CLASSES (diffusers class names), VARIANTS (name ->
-Variant), DEFAULT_VARIANT and ``adapter(model, variant) -> Adapter``. The
-registry matches by class name, so importing it needs no diffusers.
+Each family module (flux.py, wan.py, ...) declares ``FAMILY``: its diffusers
+class names, variants (coefficients, thresholds and their source), the
+default-variant rule and its adapter facts. This module maps preset names and
+model classes to them and turns them into Adapters. Classes match by name
+(a subclass of a family's class matches too), so importing it needs no
+diffusers.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple, Union
 
 from torch import nn
 
-from .base import Adapter, BlockCall, Modulated, Variant, first_and_last, first_fraction, first_only
+from . import cogvideox, cosmos, flux, hidream, hunyuan_video, ltx_video, lumina2, lumina_next, mochi, wan
+from .base import (Adapter, BlockCall, Family, Modulated, Variant, first_and_last, first_fraction, first_n,
+                   first_only, pick_variant, signature_of)
 
-__all__ = ["Adapter", "BlockCall", "Modulated", "Variant", "adapter_for", "presets",
-           "first_and_last", "first_only", "first_fraction"]
+__all__ = ["Adapter", "BlockCall", "Modulated", "Variant", "Family", "adapter_for", "presets", "families",
+           "family", "family_for", "published", "signature_of", "first_and_last", "first_only", "first_n",
+           "first_fraction"]
 
-# preset name -> module under teacache_fast.models
-_FAMILIES = ("flux", "hunyuan_video", "ltx_video", "mochi", "wan", "cogvideox", "hidream",
-             "lumina_next", "lumina2", "cosmos")
-
-
-def _module(name: str):
-    return importlib.import_module(f"{__name__}.{name}")
-
-
-def presets() -> Dict[str, dict]:
-    """preset name -> {classes, variants, default variant, published thresholds}."""
-    out = {}
-    for name in _FAMILIES:
-        mod = _module(name)
-        out[name] = {"classes": mod.CLASSES, "default_variant": mod.DEFAULT_VARIANT,
-                     "variants": {k: {"thresholds": v.thresholds, "note": v.note}
-                                  for k, v in mod.VARIANTS.items()}}
-    return out
+# preset name -> Family, in the order a model's class is matched
+_FAMILIES: Dict[str, Family] = {
+    mod.FAMILY.name: mod.FAMILY
+    for mod in (flux, hunyuan_video, ltx_video, mochi, wan, cogvideox, hidream, lumina_next, lumina2, cosmos)
+}
 
 
-def _by_class(model: nn.Module) -> Optional[str]:
-    names = [c.__name__ for c in type(model).__mro__]
-    for family in _FAMILIES:
-        if any(n in _module(family).CLASSES for n in names):
-            return family
+def families() -> Dict[str, Family]:
+    """preset name -> Family, for every built-in preset."""
+    return dict(_FAMILIES)
+
+
+def _known() -> str:
+    return ", ".join(f"{n} ({' / '.join(f.classes)})" for n, f in _FAMILIES.items())
+
+
+def family(name: str) -> Family:
+    """The built-in family of a preset name; an unknown name lists the known ones."""
+    try:
+        return _FAMILIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown preset {name!r}; known presets: {_known()}") from None
+
+
+def family_for(model: nn.Module) -> Optional[Family]:
+    """The family whose class the model is (or subclasses), or None."""
+    for fam in _FAMILIES.values():
+        if fam.matches(model):
+            return fam
     return None
 
 
-def adapter_for(model: nn.Module, preset: Optional[str] = None, variant: Optional[str] = None) -> Adapter:
-    """The preset's adapter for this model (by class, or the named preset)."""
+def adapter_for(model: nn.Module, preset: Union[str, Family, None] = None,
+                variant: Optional[str] = None) -> Adapter:
+    """The preset's adapter for this model: by the model's class, or the named
+    preset (a name or a Family), which must be for the model's class."""
     if preset is None:
-        preset = _by_class(model)
-        if preset is None:
-            known = ", ".join(f"{c} ({n})" for n in _FAMILIES for c in _module(n).CLASSES)
+        fam = family_for(model)
+        if fam is None:
             raise ValueError(
-                f"no TeaCache preset for {type(model).__name__}. Presets: {known}. For another model "
+                f"no TeaCache preset for {type(model).__name__}. Presets: {_known()}. For another model "
                 "pass a custom adapter: apply_teacache(model, adapter=teacache_fast.models.Adapter("
                 "name=..., blocks=lambda m: list(m.blocks), indicator=lambda call: "
                 "Modulated(call['hidden_states'], scale, shift)), coefficients=[...], num_steps=N)")
-    elif preset not in _FAMILIES:
-        raise ValueError(f"unknown preset {preset!r}; known presets: {list(_FAMILIES)}")
-    return _module(preset).adapter(model, variant)
+    else:
+        fam = preset if isinstance(preset, Family) else family(preset)
+    return fam.adapter(model, variant)
+
+
+def published(preset: str, variant: Optional[str] = None) -> Tuple[float, ...]:
+    """A preset's published coefficients (highest power first): the named
+    variant, or the family's default when it does not depend on the model.
+    Benchmarks and docs read them from here instead of restating them."""
+    fam = family(preset)
+    static = None if callable(fam.default_variant) else fam.default_variant
+    return pick_variant(fam.title, fam.variants, variant, static)[1].coefficients
+
+
+def presets() -> Dict[str, dict]:
+    """preset name -> {classes, default variant, variants: {name: {coefficients,
+    thresholds, note, source}}}; ``default_variant`` is None when the model
+    must say (``default_rule`` then describes how it is read from the config)."""
+    out = {}
+    for name, fam in _FAMILIES.items():
+        rule = fam.default_variant
+        entry = {"classes": fam.classes, "default_variant": None if callable(rule) else rule,
+                 "variants": {k: {"coefficients": v.coefficients, "thresholds": v.thresholds,
+                                  "note": v.note, "source": v.source}
+                              for k, v in fam.variants.items()}}
+        if callable(rule):
+            entry["default_rule"] = " ".join((rule.__doc__ or "from the model's config").split())
+        out[name] = entry
+    return out

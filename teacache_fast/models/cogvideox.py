@@ -8,22 +8,12 @@ Forced: first and last step.
 """
 from __future__ import annotations
 
-from .base import Adapter, BlockCall, Variant, first_and_last, pick_variant
+from .base import Family, Variant
+from .common import block_argument, reference
 
-CLASSES = ("CogVideoXTransformer3DModel",)
 _T = (0.1, 0.2, 0.3)
 _NOTE = "published thresholds 0.1 / 0.2 / 0.3: 1.3x / 1.8x / 2.1x"
-VARIANTS = {
-    "2b": Variant((-3.10658903e+01, 2.54732368e+01, -5.92380459e+00, 1.75769064e+00, -3.61568434e-03),
-                  _T, _NOTE),
-    "5b": Variant((-1.53880483e+03, 8.43202495e+02, -1.34363087e+02, 7.97131516e+00, -5.23162339e-02), _T,
-                  _NOTE + " (also CogVideoX-5b-I2V)"),
-    "1.5-5b": Variant((2.50210439e+02, -1.65061612e+02, 3.57804877e+01, -7.81551492e-01, 3.58559703e-02), _T,
-                      _NOTE),
-    "1.5-5b-i2v": Variant((1.22842302e+02, -1.04088754e+02, 2.62981677e+01, -3.06009921e-01, 3.71213220e-02),
-                          _T, _NOTE),
-}
-DEFAULT_VARIANT = None
+_SOURCE = reference("TeaCache4CogVideoX1.5/teacache_sample_video.py", "TeaCache4CogVideoX1.5/README.md")
 
 
 def _default_variant(model) -> str:
@@ -35,18 +25,21 @@ def _default_variant(model) -> str:
     return "2b" if getattr(cfg, "num_attention_heads", None) == 30 else "5b"
 
 
-def indicator(call: BlockCall):
-    return call["temb"]
-
-
-def passthrough(call: BlockCall):
-    return call["hidden_states"], call["encoder_hidden_states"]
-
-
-def adapter(model, variant=None) -> Adapter:
-    name, v = pick_variant("CogVideoX", VARIANTS, variant, _default_variant(model))
-    return Adapter(
-        name="cogvideox", variant=name, blocks=lambda m: list(m.transformer_blocks),
-        indicator=indicator, output_index=0, passthrough=passthrough,
-        unbatched=("image_rotary_emb",), forced=first_and_last,
-        coefficients=list(v.coefficients), threshold=v.thresholds[0])
+FAMILY = Family(
+    name="cogvideox", title="CogVideoX", classes=("CogVideoXTransformer3DModel",),
+    variants={
+        "2b": Variant((-3.10658903e+01, 2.54732368e+01, -5.92380459e+00, 1.75769064e+00, -3.61568434e-03),
+                      _T, _NOTE, _SOURCE),
+        "5b": Variant((-1.53880483e+03, 8.43202495e+02, -1.34363087e+02, 7.97131516e+00, -5.23162339e-02),
+                      _T, _NOTE + " (also CogVideoX-5b-I2V)", _SOURCE),
+        "1.5-5b": Variant((2.50210439e+02, -1.65061612e+02, 3.57804877e+01, -7.81551492e-01, 3.58559703e-02),
+                          _T, _NOTE, _SOURCE),
+        "1.5-5b-i2v": Variant((1.22842302e+02, -1.04088754e+02, 2.62981677e+01, -3.06009921e-01,
+                               3.71213220e-02), _T, _NOTE, _SOURCE),
+    },
+    default_variant=_default_variant,
+    blocks=("transformer_blocks",),
+    indicator=block_argument("temb"),
+    returns=("hidden_states", "encoder_hidden_states"),
+    unbatched=("image_rotary_emb",),
+)

@@ -8,14 +8,8 @@ embedding each block adds inside. Forced per branch: first and last step.
 """
 from __future__ import annotations
 
-from .base import Adapter, BlockCall, Modulated, Variant, first_and_last, pick_variant
-
-CLASSES = ("CosmosTransformer3DModel",)
-VARIANTS = {
-    "default": Variant((2.71156237e+02, -9.19775607e+01, 2.24437250e+00, 2.08355751e+00, 1.41776330e-01),
-                       (0.3, 0.4), "Cosmos: 1.4x / 2.0x"),
-}
-DEFAULT_VARIANT = "default"
+from .base import BlockCall, Family, Modulated, Variant
+from .common import reference
 
 
 def indicator(call: BlockCall):
@@ -30,9 +24,16 @@ def indicator(call: BlockCall):
     return Modulated(x, scale, shift, norm="layer", eps=float(norm1.norm.eps))
 
 
-def adapter(model, variant=None) -> Adapter:
-    name, v = pick_variant("Cosmos", VARIANTS, variant, DEFAULT_VARIANT)
-    return Adapter(
-        name="cosmos", variant=name, blocks=lambda m: list(m.transformer_blocks),
-        indicator=indicator, unbatched=("image_rotary_emb",), forced=first_and_last,
-        coefficients=list(v.coefficients), threshold=v.thresholds[0])
+FAMILY = Family(
+    name="cosmos", title="Cosmos", classes=("CosmosTransformer3DModel",),
+    variants={
+        "default": Variant((2.71156237e+02, -9.19775607e+01, 2.24437250e+00, 2.08355751e+00, 1.41776330e-01),
+                           (0.3, 0.4), "Cosmos t2v / i2v: 1.4x / 2.0x",
+                           reference("TeaCache4Cosmos/teacache_sample_video_t2v.py",
+                                     "TeaCache4Cosmos/teacache_sample_video_i2v.py", "TeaCache4Cosmos/README.md")),
+    },
+    default_variant="default",
+    blocks=("transformer_blocks",),
+    indicator=indicator,
+    unbatched=("image_rotary_emb",),
+)

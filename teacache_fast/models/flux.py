@@ -8,30 +8,23 @@ image stream; the text stream is not used after the stack. Indicator: block
 """
 from __future__ import annotations
 
-from .base import Adapter, BlockCall, Variant, ada_norm_zero, first_and_last, pick_variant
+from .base import Family, Variant
+from .common import ada_norm_zero_msa, reference
 
-CLASSES = ("FluxTransformer2DModel",)
-VARIANTS = {
-    "dev": Variant((4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01),
-                   (0.25, 0.4, 0.6, 0.8), "FLUX.1-dev: 1.5x / 1.8x / 2.0x / 2.25x"),
-}
-DEFAULT_VARIANT = "dev"
+FAMILY = Family(
+    name="flux", title="FLUX", classes=("FluxTransformer2DModel",),
+    variants={
+        "dev": Variant((4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01),
+                       (0.25, 0.4, 0.6, 0.8), "FLUX.1-dev: 1.5x / 1.8x / 2.0x / 2.25x",
+                       reference("TeaCache4FLUX/teacache_flux.py", "TeaCache4FLUX/README.md")),
+    },
+    default_variant="dev",
+    blocks=("transformer_blocks", "single_transformer_blocks"),
+    indicator=ada_norm_zero_msa("transformer_blocks"),
+    returns=("encoder_hidden_states", "hidden_states"),
+    unbatched=("image_rotary_emb",),
+)
 
-
-def indicator(call: BlockCall):
-    block0 = call.model.transformer_blocks[0]
-    return ada_norm_zero(block0.norm1, call["hidden_states"], call["temb"])
-
-
-def passthrough(call: BlockCall):
-    return call["encoder_hidden_states"], call["hidden_states"]
-
-
-def adapter(model, variant=None) -> Adapter:
-    name, v = pick_variant("FLUX", VARIANTS, variant, DEFAULT_VARIANT)
-    return Adapter(
-        name="flux", variant=name,
-        blocks=lambda m: list(m.transformer_blocks) + list(m.single_transformer_blocks),
-        indicator=indicator, stream="hidden_states", output_index=1, passthrough=passthrough,
-        unbatched=("image_rotary_emb",), forced=first_and_last,
-        coefficients=list(v.coefficients), threshold=v.thresholds[0])
+# Older names, read by tests/test_wrapper*.py: prefer FAMILY.variants and
+# teacache_fast.models.adapter_for(model).
+VARIANTS, adapter = FAMILY.variants, FAMILY.adapter

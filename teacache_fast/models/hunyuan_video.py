@@ -9,29 +9,20 @@ the published coefficients are for T2V). Forced: first and last step.
 """
 from __future__ import annotations
 
-from .base import Adapter, BlockCall, Variant, ada_norm_zero, first_and_last, pick_variant
+from .base import Family, Variant
+from .common import ada_norm_zero_msa, reference
 
-CLASSES = ("HunyuanVideoTransformer3DModel",)
-VARIANTS = {
-    "t2v": Variant((7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02),
-                   (0.1, 0.15), "HunyuanVideo T2V: 1.6x / 2.1x"),
-}
-DEFAULT_VARIANT = "t2v"
-
-
-def indicator(call: BlockCall):
-    return ada_norm_zero(call.model.transformer_blocks[0].norm1, call["hidden_states"], call["temb"])
-
-
-def passthrough(call: BlockCall):
-    return call["hidden_states"], call["encoder_hidden_states"]
-
-
-def adapter(model, variant=None) -> Adapter:
-    name, v = pick_variant("HunyuanVideo", VARIANTS, variant, DEFAULT_VARIANT)
-    return Adapter(
-        name="hunyuan_video", variant=name,
-        blocks=lambda m: list(m.transformer_blocks) + list(m.single_transformer_blocks),
-        indicator=indicator, output_index=0, passthrough=passthrough,
-        unbatched=("freqs_cis",), forced=first_and_last,
-        coefficients=list(v.coefficients), threshold=v.thresholds[0])
+FAMILY = Family(
+    name="hunyuan_video", title="HunyuanVideo", classes=("HunyuanVideoTransformer3DModel",),
+    variants={
+        "t2v": Variant((7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02),
+                       (0.1, 0.15), "HunyuanVideo T2V: 1.6x / 2.1x",
+                       reference("TeaCache4HunyuanVideo/teacache_sample_video.py",
+                                 "TeaCache4HunyuanVideo/README.md")),
+    },
+    default_variant="t2v",
+    blocks=("transformer_blocks", "single_transformer_blocks"),
+    indicator=ada_norm_zero_msa("transformer_blocks"),
+    returns=("hidden_states", "encoder_hidden_states"),
+    unbatched=("freqs_cis",),
+)

@@ -9,14 +9,8 @@ Forced: first and last step.
 """
 from __future__ import annotations
 
-from .base import Adapter, BlockCall, Modulated, Variant, first_and_last, pick_variant
-
-CLASSES = ("LTXVideoTransformer3DModel",)
-VARIANTS = {
-    "0.9.1": Variant((2.14700694e+01, -1.28016453e+01, 2.31279151e+00, 7.92487521e-01, 9.69274326e-03),
-                     (0.03, 0.05), "LTX-Video: published thresholds 0.03 / 0.05"),
-}
-DEFAULT_VARIANT = "0.9.1"
+from .base import BlockCall, Family, Modulated, Variant
+from .common import reference
 
 
 def indicator(call: BlockCall):
@@ -32,10 +26,17 @@ def indicator(call: BlockCall):
     return norm(x) * (1 + scale) + shift
 
 
-def adapter(model, variant=None) -> Adapter:
-    name, v = pick_variant("LTX-Video", VARIANTS, variant, DEFAULT_VARIANT)
-    return Adapter(
-        name="ltx_video", variant=name, blocks=lambda m: list(m.transformer_blocks),
-        indicator=indicator, tail=lambda m: [m.norm_out], end=lambda m: m.proj_out,
-        unbatched=("image_rotary_emb",), subset=False, forced=first_and_last,
-        coefficients=list(v.coefficients), threshold=v.thresholds[0])
+FAMILY = Family(
+    name="ltx_video", title="LTX-Video", classes=("LTXVideoTransformer3DModel",),
+    variants={
+        "0.9.1": Variant((2.14700694e+01, -1.28016453e+01, 2.31279151e+00, 7.92487521e-01, 9.69274326e-03),
+                         (0.03, 0.05), "LTX-Video 0.9.1: published thresholds 0.03 / 0.05",
+                         reference("TeaCache4LTX-Video/teacache_ltx.py", "TeaCache4LTX-Video/README.md")),
+    },
+    default_variant="0.9.1",
+    blocks=("transformer_blocks",),
+    indicator=indicator,
+    tail=("norm_out",), end="proj_out",
+    unbatched=("image_rotary_emb",),
+    subset=False,
+)

@@ -9,26 +9,27 @@ apply_teacache(pipe) the scheduler's step() marks the steps, so the pipeline's
 cfg_trunc_ratio (uncond calls stop part-way) keeps both branches right; on a
 bare transformer, calls are told apart by order and a change in calls per
 step is seen as a new generation. Forced per branch: first and last step.
+Rotary embeddings are per sample here (batched), so per-sample runs slice them.
 """
 from __future__ import annotations
 
-from .base import Adapter, Variant, first_and_last, pick_variant
-from .lumina_next import lumina_indicator
+from .base import Family, Variant
+from .common import reference, rms_scale_msa
 
-CLASSES = ("Lumina2Transformer2DModel",)
-VARIANTS = {
-    "default": Variant((393.76566581, -603.50993606, 209.10239044, -23.00726601, 0.86377344),
-                       (0.2, 0.3, 0.4, 0.5), "the Lumina-Next set, as the reference uses"),
-    "v2": Variant((225.7042019806413, -608.8453716535591, 304.1869942338369, 124.21267720116742,
-                   -1.4089066892956552), (0.2, 0.3, 0.4, 0.5), "alternative set; Lumina-Next thresholds"),
-}
-DEFAULT_VARIANT = "default"
+_SOURCE = reference("TeaCache4Lumina2/teacache_lumina2.py", "TeaCache4Lumina2/README.md")
 
-
-def adapter(model, variant=None) -> Adapter:
-    name, v = pick_variant("Lumina2", VARIANTS, variant, DEFAULT_VARIANT)
-    # rotary embeddings are per sample here (batched), so per-sample slicing takes them too
-    return Adapter(
-        name="lumina2", variant=name, blocks=lambda m: list(m.layers),
-        indicator=lumina_indicator, forced=first_and_last,
-        coefficients=list(v.coefficients), threshold=v.thresholds[0])
+FAMILY = Family(
+    name="lumina2", title="Lumina2", classes=("Lumina2Transformer2DModel",),
+    variants={
+        # v1 in the source: the Lumina-Next set, which the reference script uses
+        "default": Variant((393.76566581, -603.50993606, 209.10239044, -23.00726601, 0.86377344),
+                           (0.2, 0.3, 0.4, 0.5), "v1 (the Lumina-Next set): 1.25x / 1.56x / 2.08x / 2.5x",
+                           _SOURCE),
+        "v2": Variant((225.7042019806413, -608.8453716535591, 304.1869942338369, 124.21267720116742,
+                       -1.4089066892956552), (0.2, 0.3, 0.5, 1.1),
+                      "v2: better at low thresholds; 1.5x / 1.6x / 1.8x / 2.1x", _SOURCE),
+    },
+    default_variant="default",
+    blocks=("layers",),
+    indicator=rms_scale_msa("layers"),
+)

@@ -7,31 +7,21 @@ with no shift. Forced: first and last step.
 """
 from __future__ import annotations
 
-from .base import Adapter, BlockCall, Variant, first_and_last, pick_variant, rms_scaled
+from .base import Family, Variant
+from .common import reference, rms_scale_msa
 
-CLASSES = ("MochiTransformer3DModel",)
-VARIANTS = {
-    "preview": Variant((-3.51241319e+03, 8.11675948e+02, -6.09400215e+01, 2.42429681e+00, 3.05291719e-03),
-                       (0.06, 0.09), "Mochi 1 preview: published thresholds 0.06 / 0.09"),
-}
-DEFAULT_VARIANT = "preview"
-
-
-def indicator(call: BlockCall):
-    norm1 = call.model.transformer_blocks[0].norm1
-    scale = norm1.linear(norm1.silu(call["temb"])).chunk(4, dim=1)[0]
-    return rms_scaled(norm1.norm, call["hidden_states"], scale)
-
-
-def passthrough(call: BlockCall):
-    return call["hidden_states"], call["encoder_hidden_states"]
-
-
-def adapter(model, variant=None) -> Adapter:
-    name, v = pick_variant("Mochi", VARIANTS, variant, DEFAULT_VARIANT)
-    return Adapter(
-        name="mochi", variant=name, blocks=lambda m: list(m.transformer_blocks),
-        indicator=indicator, output_index=0, passthrough=passthrough,
-        tail=lambda m: [m.norm_out], end=lambda m: m.proj_out,
-        unbatched=("image_rotary_emb",), subset=False, forced=first_and_last,
-        coefficients=list(v.coefficients), threshold=v.thresholds[0])
+FAMILY = Family(
+    name="mochi", title="Mochi", classes=("MochiTransformer3DModel",),
+    variants={
+        "preview": Variant((-3.51241319e+03, 8.11675948e+02, -6.09400215e+01, 2.42429681e+00, 3.05291719e-03),
+                           (0.06, 0.09), "Mochi 1 preview: published thresholds 0.06 / 0.09",
+                           reference("TeaCache4Mochi/teacache_mochi.py", "TeaCache4Mochi/README.md")),
+    },
+    default_variant="preview",
+    blocks=("transformer_blocks",),
+    indicator=rms_scale_msa("transformer_blocks"),
+    returns=("hidden_states", "encoder_hidden_states"),
+    tail=("norm_out",), end="proj_out",
+    unbatched=("image_rotary_emb",),
+    subset=False,
+)

@@ -10,35 +10,27 @@ alike, but their residuals differ). Forced per branch: first and last step;
 """
 from __future__ import annotations
 
-from .base import Adapter, BlockCall, Variant, first_and_last, first_n, pick_variant
+from .base import Family, Variant, first_n
+from .common import captured_output, reference
 
-CLASSES = ("WanTransformer3DModel",)
 RET_STEPS = 5
-_E = {
-    "t2v-1.3b": (2.39676752e+03, -1.31110545e+03, 2.01331979e+02, -8.29855975e+00, 1.37887774e-01),
-    "t2v-14b": (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
-    "i2v-480p": (-3.02331670e+02, 2.23948934e+02, -5.25463970e+01, 5.87348440e+00, -2.01973289e-01),
-    "i2v-720p": (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
-}
-_E0 = {
-    "t2v-1.3b": (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02),
-    "t2v-14b": (-3.03318725e+05, 4.90537029e+04, -2.65530556e+03, 5.87365115e+01, -3.15583525e-01),
-    "i2v-480p": (2.57151496e+05, -3.54229917e+04, 1.40286849e+03, -1.35890334e+01, 1.32517977e-01),
-    "i2v-720p": (8.10705460e+03, 2.13393892e+03, -3.72934672e+02, 1.66203073e+01, -4.17769401e-02),
-}
-_THRESHOLDS = {"t2v-1.3b": (0.05, 0.08), "t2v-14b": (0.14, 0.20), "i2v-480p": (0.13, 0.26),
-               "i2v-720p": (0.20, 0.30)}
-_RET_THRESHOLDS = {"t2v-1.3b": (0.05, 0.10), "t2v-14b": (0.10, 0.20), "i2v-480p": (0.20, 0.30)}
+_SOURCE = reference("TeaCache4Wan2.1/teacache_generate.py", "TeaCache4Wan2.1/README.md")
+_E, _E0 = captured_output("condition", 0), captured_output("condition", 1)
 
-VARIANTS = {}
-for _name, _c in _E.items():
-    VARIANTS[_name] = Variant(_c, _THRESHOLDS[_name], "indicator e (time embedding); first and last forced")
-for _name, _t in _RET_THRESHOLDS.items():  # i2v-720p has no published ret_steps thresholds
-    VARIANTS[_name + "-ret"] = Variant(_E0[_name], _t, f"indicator e0; first {RET_STEPS} steps forced")
-DEFAULT_VARIANT = None  # the checkpoint is not visible from the model: ask
+
+def _plain(coefficients, thresholds) -> Variant:
+    return Variant(coefficients, thresholds, "indicator e (time embedding); first and last forced", _SOURCE,
+                   indicator=_E)
+
+
+def _ret(coefficients, thresholds) -> Variant:
+    return Variant(coefficients, thresholds, f"indicator e0; first {RET_STEPS} steps forced", _SOURCE,
+                   indicator=_E0, forced=first_n(RET_STEPS))
 
 
 def _default_variant(model):
+    """T2V by size (1.3B: 12 heads x 128 over 30 layers; 14B: 40 x 128 over
+    40); I2V (image_dim set) cannot tell 480p from 720p: ask."""
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "image_dim", None) is not None:
         return None
@@ -47,16 +39,28 @@ def _default_variant(model):
     return {(1536, 30): "t2v-1.3b", (5120, 40): "t2v-14b"}.get(dims)
 
 
-def adapter(model, variant=None) -> Adapter:
-    name, v = pick_variant("Wan", VARIANTS, variant, _default_variant(model))
-    ret = name.endswith("-ret")
-    output = 1 if ret else 0
-
-    def indicator(call: BlockCall):
-        return call.captured["condition"][output]
-
-    return Adapter(
-        name="wan", variant=name, blocks=lambda m: list(m.blocks), indicator=indicator,
-        capture={"condition": lambda m: m.condition_embedder}, unbatched=("rotary_emb",),
-        forced=first_n(RET_STEPS) if ret else first_and_last,
-        coefficients=list(v.coefficients), threshold=v.thresholds[0])
+FAMILY = Family(
+    name="wan", title="Wan", classes=("WanTransformer3DModel",),
+    variants={
+        "t2v-1.3b": _plain((2.39676752e+03, -1.31110545e+03, 2.01331979e+02, -8.29855975e+00, 1.37887774e-01),
+                           (0.05, 0.08)),
+        "t2v-14b": _plain((-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
+                          (0.14, 0.20)),
+        "i2v-480p": _plain((-3.02331670e+02, 2.23948934e+02, -5.25463970e+01, 5.87348440e+00, -2.01973289e-01),
+                           (0.13, 0.26)),
+        "i2v-720p": _plain((-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683), (0.20, 0.30)),
+        "t2v-1.3b-ret": _ret((-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02),
+                             (0.05, 0.10)),
+        "t2v-14b-ret": _ret((-3.03318725e+05, 4.90537029e+04, -2.65530556e+03, 5.87365115e+01, -3.15583525e-01),
+                            (0.10, 0.20)),
+        "i2v-480p-ret": _ret((2.57151496e+05, -3.54229917e+04, 1.40286849e+03, -1.35890334e+01, 1.32517977e-01),
+                             (0.20, 0.30)),
+        "i2v-720p-ret": _ret((8.10705460e+03, 2.13393892e+03, -3.72934672e+02, 1.66203073e+01, -4.17769401e-02),
+                             (0.20, 0.30)),
+    },
+    default_variant=_default_variant,
+    blocks=("blocks",),
+    indicator=_E,
+    capture={"condition": "condition_embedder"},
+    unbatched=("rotary_emb",),
+)
