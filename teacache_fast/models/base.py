@@ -84,6 +84,9 @@ class BlockCall:
         return self._bound
 
     def __getitem__(self, name: str) -> Any:
+        # an argument given by name needs no binding (diffusers passes them so)
+        if name in self.kwargs:
+            return self.kwargs[name]
         try:
             return self.bound[name]
         except KeyError:
@@ -91,6 +94,8 @@ class BlockCall:
                            f"{sorted(self.bound)}") from None
 
     def get(self, name: str, default: Any = None) -> Any:
+        if name in self.kwargs:
+            return self.kwargs[name]
         return self.bound.get(name, default)
 
 

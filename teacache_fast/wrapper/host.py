@@ -188,7 +188,8 @@ class HostRunner:
 
     def _place(self, call: HostCall):
         """The call's branch and step on the clock (may start a generation)."""
-        bound = _bind(self.model_signature, call.args, call.kwargs)
+        # a call by keywords only needs no binding (diffusers pipelines call so)
+        bound = call.kwargs if not call.args else _bind(self.model_signature, call.args, call.kwargs)
         t_arg = bound.get(self.adapter.timestep_arg) if self.adapter.timestep_arg else None
         signature = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in bound.items()
                           if isinstance(v, Tensor))
