@@ -45,7 +45,7 @@ def test_demo_odd_or_bad_latent_size_is_a_usage_error(capsys, flag, value):
 
 def test_demo_missing_model_path_is_a_usage_error_without_network(capsys, no_network, tmp_path):
     line = _usage_error(capsys, ["demo", "--model", "/nonexistent"])
-    assert "teacache-fast demo: error: argument --model: --model: '/nonexistent' is not a local folder" in line
+    assert "teacache-fast demo: error: argument --model: '/nonexistent' is not a local folder" in line
     line = _usage_error(capsys, ["demo", "--model", str(tmp_path)])  # a folder without transformer/
     assert "has no transformer in it" in line
 

@@ -70,7 +70,7 @@ def csv_list(choices: Sequence[str]) -> Callable[[str], List[str]]:
     return parse
 
 
-def local_dir(flag: str, must_contain: str) -> Callable[[str], Path]:
+def local_dir(must_contain: str) -> Callable[[str], Path]:
     """``type=`` for an existing local folder holding ``must_contain`` (a file or folder name).
 
     Checked while parsing, so a mistyped path ends in one line and never reaches
@@ -80,10 +80,10 @@ def local_dir(flag: str, must_contain: str) -> Callable[[str], Path]:
         path = Path(text).expanduser()
         if not path.is_dir():
             raise argparse.ArgumentTypeError(
-                f"{flag}: {text!r} is not a local folder (a diffusers checkpoint folder is expected; "
+                f"{text!r} is not a local folder (a diffusers checkpoint folder is expected; "
                 "nothing is downloaded)")
         if not (path / must_contain).exists():
-            raise argparse.ArgumentTypeError(f"{flag}: {text!r} has no {must_contain} in it")
+            raise argparse.ArgumentTypeError(f"{text!r} has no {must_contain} in it")
         return path
     return parse
 

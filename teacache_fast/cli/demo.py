@@ -76,7 +76,7 @@ def plot(results: List[RunResult], path: Path, title: str) -> bool:
 # --------------------------------------------------------------------------- command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=cli_args.local_dir("--model", "transformer"), default=None,
+    parser.add_argument("--model", type=cli_args.local_dir("transformer"), default=None,
                         metavar="PATH",
                         help="local diffusers FLUX checkpoint folder (its transformer/ subfolder is loaded, "
                              "nothing is downloaded); default: a small random-weight FLUX transformer")
