@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from teacache_fast.cli import main
 
@@ -59,7 +60,7 @@ def test_calibrate_errors_are_usage_errors(capsys, no_network, tmp_path):
     assert "cannot read" in _usage_error(capsys, ["calibrate", "--smoke", "--prompts", str(tmp_path / "no.txt")])
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("command", [["demo"], ["bench"], ["bench", "e2e"], ["calibrate"]])
 def test_device_cuda_without_cuda_is_a_usage_error(capsys, command):
     assert "sees no CUDA device" in _usage_error(capsys, [*command, "--device", "cuda"])

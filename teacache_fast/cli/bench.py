@@ -42,8 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", type=cli_args.csv_list(OPS), default=None, help="ops to time (default: all)")
     parser.add_argument("--steps", type=cli_args.int_in("--steps", 2), default=None,
                         help="e2e: sampling steps (default 28; smoke 4)")
+    from .flux_model import flux_preset
+
+    published = ",".join(f"{t:g}" for t in flux_preset()[2])
     parser.add_argument("--thresholds", type=cli_args.thresholds, default=None,
-                        help="e2e: thresholds besides 0 (default: the FLUX preset's published ones)")
+                        help=f"e2e: thresholds besides 0 (default: the FLUX preset's published ones, {published})")
     parser.add_argument("--host-cost", choices=HOST_COST, default="include",
                         help="e2e: the host-cost row (this library vs the official TeaCache script vs "
                              "diffusers' FirstBlockCache and MagCache on a 1+1-block model): include "

@@ -82,9 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "nothing is downloaded); default: a small random-weight FLUX transformer")
     parser.add_argument("--steps", type=cli_args.int_in("--steps", 2), default=28,
                         help="sampling steps (default 28)")
+    from .flux_model import flux_preset
+
+    published = ",".join(f"{t:g}" for t in flux_preset()[2])
     parser.add_argument("--thresholds", type=cli_args.thresholds, default=None,
-                        help="comma-separated TeaCache thresholds (default: the FLUX preset's published "
-                             "ones, 0.25,0.4,0.6,0.8)")
+                        help=f"comma-separated TeaCache thresholds (default: the FLUX preset's published "
+                             f"ones, {published})")
     cli_args.add_device_dtype(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise")
     parser.add_argument("--height", type=cli_args.even_int("--height"), default=None,
