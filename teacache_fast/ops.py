@@ -47,6 +47,9 @@ from ._checks import (MAX_COEFFICIENTS, NORMS, SUPPORTED_DTYPES, _as_coefficient
 
 # --------------------------------------------------------------------------- plumbing
 
+_profiling = torch._C._autograd._profiler_enabled
+
+
 def _dispatch(impl, op, ref: Tensor):
     """What runs a checked call: the implementation itself in eager mode (the
     arguments are checked already; torch.library dispatch would add 25-130 us
@@ -54,9 +57,9 @@ def _dispatch(impl, op, ref: Tensor):
     a dispatch mode such as make_fx or FakeTensor, a tensor subclass), so
     torch.compile sees one node per op."""
     if type(ref) is Tensor and not torch.compiler.is_compiling() \
-            and not torch._C._len_torch_dispatch_stack():
+            and not torch._C._len_torch_dispatch_stack() and not _profiling():
         return impl
-    return op
+    return op  # also under the profiler: it records the op by its registered name
 
 
 def _backend(t: Tensor):

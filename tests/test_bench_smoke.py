@@ -2,16 +2,19 @@
 
 No timing is asserted anywhere: benchmarks are not tests.
 """
+import argparse
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
 
-from teacache_fast import bench_e2e, bench_ops, demo, sampling  # noqa: E402
+from teacache_fast.cli import bench_ops, demo, host_cost, sampling  # noqa: E402
 from teacache_fast.cli import main as cli_main  # noqa: E402
+from teacache_fast.cli.machine import device_name, device_slug  # noqa: E402
 
 
 def _read_csv(path):
@@ -21,7 +24,7 @@ def _read_csv(path):
 
 def test_bench_ops_cli_smoke_writes_csv_md_png(tmp_path):
     assert cli_main(["bench", "--smoke", "--no-compile", "--dtypes", "bf16", "--out", str(tmp_path)]) == 0
-    slug = bench_ops.device_slug("cpu")
+    slug = device_slug("cpu")
     rows = _read_csv(tmp_path / f"{slug}.csv")
     # 5 array ops + the decision op, each timed as the torch backend and eager
     assert len(rows) == (5 + 1) * 2
@@ -35,7 +38,7 @@ def test_bench_ops_cli_smoke_writes_csv_md_png(tmp_path):
             assert int(r["bytes"]) == passes * 8 * 40 * itemsize
             assert float(r["gbps"]) > 0 and float(r["copy_gbps"]) > 0
     md = (tmp_path / f"{slug}.md").read_text()
-    assert bench_ops.device_name("cpu") in md and "torch " + torch.__version__ in md
+    assert device_name("cpu") in md and "torch " + torch.__version__ in md
     assert "## modulated_rel_l1_ (the indicator)" in md
     assert (tmp_path / f"{slug}.png").stat().st_size > 0
 
@@ -69,14 +72,82 @@ def test_demo_smoke_threshold_zero_is_exact(tmp_path):
 
 
 def test_bench_e2e_smoke_writes_table(tmp_path):
-    assert bench_e2e.main(["--smoke", "--out", str(tmp_path)]) == 0
-    stem = f"e2e-{bench_ops.device_slug('cpu')}"
+    assert cli_main(["bench", "e2e", "--smoke", "--host-cost", "skip", "--out", str(tmp_path)]) == 0
+    stem = f"e2e-{device_slug('cpu')}"
     rows = _read_csv(tmp_path / f"{stem}.csv")
     assert [r["threshold"] for r in rows] == ["none", "0.0", "0.25", "0.4", "0.6", "0.8"]
     assert rows[1]["computed"] == rows[1]["total"] and float(rows[1]["max_abs_err"]) == 0.0
     assert all(int(r["op_calls"]) > 0 for r in rows[1:]) and rows[0]["op_calls"] == "0"
+    # op_calls and the share come from the profiler's record of the ops: every cached run has some.
+    assert all(float(r["machinery_s"]) > 0 and 0 < float(r["machinery_share"]) < 1 for r in rows[1:])
     md = (tmp_path / f"{stem}.md").read_text()
     assert "## smoke:" in md and "Threshold 0 (all 4 steps computed)" in md
+    assert not (tmp_path / f"e2e-host-{device_slug('cpu')}.md").exists()  # --host-cost skip
+
+
+def test_host_cost_row_smoke(tmp_path, capsys):
+    """The host-cost row runs every method on one model and reports each figure (no timing asserted)."""
+    assert cli_main(["bench", "e2e", "--smoke", "--steps", "4", "--host-cost", "only", "--note",
+                     "measured under load", "--out", str(tmp_path)]) == 0
+    stem = f"e2e-host-{device_slug('cpu')}"
+    rows = _read_csv(tmp_path / f"{stem}.csv")
+    assert [r["method"] for r in rows] == list(host_cost.METHODS) == [
+        "teacache_fast", "official", "fbcache", "magcache"]
+    by = {r["method"]: r for r in rows}
+    for r in rows:
+        assert r["calls"] == "4" and r["compute_run_computed"] == "4"   # the compute setting never skips
+        for key in ("plain_ms", "floor_ms", "computed_ms", "skipped_ms", "skipped_over_plain"):
+            assert math.isfinite(float(r[key])) and float(r[key]) > 0, (r["method"], key, r[key])
+        for key in ("extra_us_per_computed_call", "us_per_skipped_block"):  # differences: any sign under load
+            assert math.isfinite(float(r[key])), (r["method"], key, r[key])
+        assert int(r["samples_computed"]) == 4 and int(r["samples_skipped"]) == 4 - int(r["skip_run_computed"])
+    # TeaCache (both) forces the first and the last call; diffusers' caches compute the first only.
+    assert by["teacache_fast"]["skip_run_computed"] == by["official"]["skip_run_computed"] == "2"
+    assert by["fbcache"]["skip_run_computed"] == by["magcache"]["skip_run_computed"] == "1"
+    assert by["fbcache"]["blocks_skipped"] == "1" and by["teacache_fast"]["blocks_skipped"] == "2"
+    md = (tmp_path / f"{stem}.md").read_text()
+    assert "measured under load" in md and device_name("cpu") in md
+    for label in host_cost.METHODS.values():
+        assert f"| {label} |" in md
+    printed = capsys.readouterr().out
+    assert "[host cost]" in printed and "official TeaCache script (replica)" in printed
+    assert not (tmp_path / f"e2e-{device_slug('cpu')}.md").exists()  # --host-cost only
+
+
+def test_host_cost_leaves_the_model_plain():
+    """Attach / detach of every method leaves the model computing what it computed before."""
+    from teacache_fast.cli import flux_model
+
+    model, inputs = flux_model.build(flux_model.SPECS["smoke"])
+    sigmas = sampling.flux_sigmas(3, image_seq_len=inputs.latents.shape[1])
+    before = sampling.euler_sample(model, inputs, sigmas)
+    for method in host_cost.METHODS:
+        for setting in ("compute", "skip"):
+            detach, _ = host_cost._attach(method, setting, model, 3, flux_model.flux_preset()[1])
+            sampling.euler_sample(model, inputs, sigmas,
+                                  call=lambda m, **kw: _in_context(m, kw))
+            detach()
+    assert "forward" not in model.__dict__
+    assert torch.equal(sampling.euler_sample(model, inputs, sigmas), before)
+
+
+def _in_context(model, kwargs):
+    with model.cache_context("cond"):
+        return model(**kwargs)[0]
+
+
+def test_bench_out_default_is_not_the_committed_results(tmp_path, monkeypatch):
+    from teacache_fast.cli import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = Path(parser.parse_args([]).out)
+    assert out.resolve() != (Path(__file__).parent.parent / "benchmarks" / "results").resolve()
+    assert "results" not in out.parts
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["bench", "--smoke", "--no-compile", "--dtypes", "bf16", "--ops", "residual_apply_"]) == 0
+    assert (tmp_path / bench.DEFAULT_OUT / f"{device_slug('cpu')}.csv").is_file()
+    assert not (tmp_path / "benchmarks").exists()
 
 
 def test_sampling_helpers():

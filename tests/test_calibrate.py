@@ -456,19 +456,19 @@ def test_cli_calibrate_smoke(tmp_path, capsys):
 
 
 def test_cli_calibrate_bad_arguments(tmp_path, capsys):
+    """Each bad argument ends as an argparse error: exit code 2, the message on stderr."""
     from teacache_fast.cli import main
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n# nothing\n")
-    with pytest.raises(SystemExit, match="holds no prompt"):
-        main(["calibrate", "--smoke", "--prompts", str(empty)])
-    with pytest.raises(SystemExit, match="neither 'demo' nor a diffusers pipeline folder"):
-        main(["calibrate", "--model", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--step-range needs 0 <= START < END, got 5 2"):
-        main(["calibrate", "--smoke", "--step-range", "5", "2"])
-    with pytest.raises(SystemExit):
-        main(["calibrate", "--steps", "1"])
-    assert "--steps must be >= 2, got 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["calibrate", "--degree", "9"])
-    assert "--degree must be in 0..8, got 9" in capsys.readouterr().err
+    for argv, message in (
+            (["calibrate", "--smoke", "--prompts", str(empty)], "holds no prompt"),
+            (["calibrate", "--model", str(tmp_path)], "neither 'demo' nor a diffusers pipeline folder"),
+            (["calibrate", "--smoke", "--step-range", "5", "2"], "--step-range needs 0 <= START < END, got 5 2"),
+            (["calibrate", "--steps", "1"], "--steps must be >= 2, got 1"),
+            (["calibrate", "--degree", "9"], "--degree must be in 0..8, got 9")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert "teacache-fast calibrate: error: " in err and message in err, (argv, err)

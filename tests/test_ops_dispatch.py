@@ -64,3 +64,11 @@ def test_compiled_graph_holds_each_op_as_one_node():
     f(x, scale, shift, prev)
     targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert "teacache_fast.modulated_rel_l1_.default" in targets, targets
+
+
+def test_profiled_calls_are_recorded_under_the_op_name():
+    x, scale, shift, prev = _inputs()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.modulated_rel_l1_(x, scale, shift, prev)
+    names = {e.key for e in prof.key_averages()}
+    assert "teacache_fast::modulated_rel_l1_" in names, sorted(names)

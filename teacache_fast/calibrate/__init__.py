@@ -19,7 +19,7 @@ output between consecutive steps, over every step of a few dozen generations
 :class:`CalibrationResult` with ``.to_json(path)``, ``.plot(path)`` and
 ``.threshold_table()``.
 """
-from ..preset_json import load_preset_json  # noqa: F401 (the preset files calibrate writes)
+from ..preset_json import MAX_DEGREE, load_preset_json  # noqa: F401 (re-exports)
 from .fit import PolyFit, fit_polynomial, pairs, plot_fit, relative_l1
 from .recording import CalibrationError, Recorder, Recording
 from .replay import default_thresholds, forced_mask, replay_decisions

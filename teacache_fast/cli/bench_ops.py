@@ -10,22 +10,19 @@ fraction of the copy bandwidth measured on the same device in the same run
 Timing: on CUDA ``triton.testing.do_bench`` (it flushes L2 before every call,
 so each call reads its inputs from HBM); on CPU ``torch.utils.benchmark``.
 ``teacache-fast bench e2e`` runs the end-to-end benchmark instead
-(:mod:`teacache_fast.bench_e2e`).
+(:mod:`teacache_fast.cli.bench_e2e`); :mod:`teacache_fast.cli.bench` holds the
+command line of both.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import platform
-import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
-HELP = "benchmark the ops (or, with 'e2e', a cached sampling loop) and write CSV, PNG and markdown"
+from .machine import device_name, device_slug, environment_lines
 
 # name -> (B, N, C)
 SIZES = {
@@ -42,13 +39,11 @@ HEADLINE_OP = "modulated_rel_l1_"
 OPS = (HEADLINE_OP, "modulate", "rel_l1_partials", "residual_capture_", "residual_apply_",
        "teacache_decide_")
 DTYPES = ("bf16", "fp32")
-# FLUX's published coefficients: the decision op's cost does not depend on them.
-_FLUX_COEFFICIENTS = [4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01]
 
 
 def _torch_dtype(name: str):
-    import torch
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    from .args import torch_dtype
+    return torch_dtype(name)
 
 
 # --------------------------------------------------------------------------- the cases
@@ -62,7 +57,7 @@ def _stateless_impls(backends, op_call: Callable[[], Any], eager: Callable, eage
                      ) -> Dict[str, Callable]:
     """The implementations of a case whose inputs do not change between calls:
     ``op_call`` under each backend, ``eager(*eager_args)`` and its torch.compile."""
-    from . import ops
+    from teacache_fast import ops
 
     impls = {}
     for name in backends:
@@ -81,7 +76,7 @@ def _indicator_case(shape, dtype, device, backends) -> Dict[str, Callable]:
     import torch
     import torch.nn.functional as F
 
-    from . import ops
+    from teacache_fast import ops
 
     B, N, C = shape
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -117,7 +112,7 @@ def _modulate_case(shape, dtype, device, backends):
     import torch
     import torch.nn.functional as F
 
-    from . import ops
+    from teacache_fast import ops
 
     B, N, C = shape
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -134,7 +129,7 @@ def _modulate_case(shape, dtype, device, backends):
 def _partials_case(shape, dtype, device, backends):
     import torch
 
-    from . import ops
+    from teacache_fast import ops
 
     g = torch.Generator(device="cpu").manual_seed(2)
     cur = torch.randn(shape, generator=g).to(device, dtype)
@@ -150,7 +145,7 @@ def _partials_case(shape, dtype, device, backends):
 def _capture_case(shape, dtype, device, backends):
     import torch
 
-    from . import ops
+    from teacache_fast import ops
 
     g = torch.Generator(device="cpu").manual_seed(3)
     out = torch.randn(shape, generator=g).to(device, dtype)
@@ -166,7 +161,7 @@ def _capture_case(shape, dtype, device, backends):
 def _apply_case(shape, dtype, device, backends):
     import torch
 
-    from . import ops
+    from teacache_fast import ops
 
     g = torch.Generator(device="cpu").manual_seed(4)
     # Small residuals: hidden grows by ~1e-4 per call, far from overflow over a run.
@@ -196,10 +191,11 @@ def _decide_case(device, backends):
     import numpy as np
     import torch
 
-    from . import ops
-    from .backends.torch import poly_eval
+    from teacache_fast import ops
 
-    coeffs = _FLUX_COEFFICIENTS
+    from .flux_model import flux_preset
+
+    coeffs = flux_preset()[1]   # the published FLUX.1-dev set; the op's cost does not depend on it
     threshold = 0.4
     partials = torch.tensor([0.07, 1.0], device=device)
     poly = np.poly1d(coeffs)
@@ -213,8 +209,14 @@ def _decide_case(device, backends):
             host["acc"] = 0.0
         return compute
 
+    def poly_on_device(x):  # Horner, highest power first (numpy.poly1d order)
+        y = torch.zeros_like(x)
+        for c in coeffs:
+            y = y * x + c
+        return y
+
     def on_device(partials, acc):
-        new_acc = acc + poly_eval(coeffs, partials[0] / partials[1])
+        new_acc = acc + poly_on_device(partials[0] / partials[1])
         compute = new_acc >= threshold
         acc.copy_(torch.where(compute, torch.zeros_like(new_acc), new_acc))
         return compute
@@ -311,34 +313,9 @@ def time_cuda(impls: Dict[str, Callable], repeats: int, max_seconds: float) -> D
 
 # --------------------------------------------------------------------------- running
 
-def device_name(device: str) -> str:
-    """A human name: the GPU's name, or the CPU model and the cores torch uses."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} cores"
-
-
-def device_slug(device: str) -> str:
-    """File-name form of :func:`device_name`, e.g. ``cpu-amd-epyc-2-cores``."""
-    name = device_name(device)
-    prefix = "" if device.startswith("cuda") else "cpu-"
-    return prefix + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def backends_for_device(device: str) -> List[str]:
     """Backends worth timing here: on CPU only torch (the Triton interpreter is no benchmark)."""
-    from .backends import unavailable_reason
+    from teacache_fast.ops import unavailable_reason
 
     if not device.startswith("cuda"):
         return ["torch"]
@@ -419,31 +396,6 @@ CSV_COLUMNS = ["op", "impl", "size", "shape", "dtype", "median_ms", "p20_ms", "p
                "bytes", "gbps", "copy_gbps", "frac_copy", "speedup_vs_eager", "speedup_vs_compile"]
 
 
-def environment_lines(device: str) -> List[str]:
-    import torch
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        triton_version = "not available"
-    timing = ("triton.testing.do_bench, cold L2" if device.startswith("cuda")
-              else f"torch.utils.benchmark, {torch.get_num_threads()} threads")
-    lines = [
-        f"- device: {device_name(device)}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- torch {torch.__version__}, triton {triton_version}, python {platform.python_version()}",
-        f"- timing: {timing}",
-    ]
-    threads_env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ]
-    if threads_env:
-        lines.append("- environment: " + " ".join(threads_env))
-    if not device.startswith("cuda") and hasattr(os, "getloadavg"):
-        # Other jobs on the same cores slow every row; say how busy the machine was.
-        lines.append("- load average (1/5/15 min) when written: "
-                     + " / ".join(f"{v:.1f}" for v in os.getloadavg()) + f" on {os.cpu_count()} cores")
-    return lines
-
-
 def _fmt(v, spec: str, none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
@@ -472,7 +424,11 @@ def write_results(rows: List[dict], device: str, out_dir: Path, note: str = "") 
             w.writerow({k: ("" if r[k] is None else r[k]) for k in CSV_COLUMNS})
     plotted = plot(rows, paths["png"], device_name(device))
     head = [r for r in rows if r["op"] == HEADLINE_OP]
-    lines = [f"# Op benchmark: {device_name(device)}", "", *environment_lines(device), ""]
+    import torch
+
+    timing = ("triton.testing.do_bench, cold L2" if device.startswith("cuda")
+              else f"torch.utils.benchmark, {torch.get_num_threads()} threads")
+    lines = [f"# Op benchmark: {device_name(device)}", "", *environment_lines(device, timing), ""]
     if note:
         lines += [note, ""]
     lines += [
@@ -537,66 +493,24 @@ def plot(rows: List[dict], path: Path, title: str) -> bool:
 
 # --------------------------------------------------------------------------- command line
 
-def _csv_list(choices):
-    def parse(text: str) -> List[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}; "
-                                             f"got {text!r}")
-        return items
-    return parse
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", choices=("ops", "e2e"), default="ops",
-                        help="ops: the op benchmark (default); e2e: the end-to-end sampling benchmark")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV, PNG and markdown")
-    parser.add_argument("--quick", action="store_true", help="short run: small sizes, few repeats")
-    parser.add_argument("--smoke", action="store_true", help="tiny run for tests: numbers mean nothing")
-    parser.add_argument("--repeats", type=int, default=None, help="samples per measurement (default 7; quick 3)")
-    parser.add_argument("--max-seconds", type=float, default=None,
-                        help="cap on the time spent timing one implementation (op benchmark)")
-    parser.add_argument("--sizes", type=_csv_list(tuple(SIZES)), default=None,
-                        help=f"op sizes, comma-separated from {', '.join(SIZES)} (default: all)")
-    parser.add_argument("--dtypes", type=_csv_list(DTYPES + ("fp16",)), default=None,
-                        help="dtypes, comma-separated (default: bf16,fp32)")
-    parser.add_argument("--ops", type=_csv_list(OPS), default=None, help="ops to time (default: all)")
-    parser.add_argument("--steps", type=int, default=None, help="e2e: sampling steps (default 28)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip the torch.compile rows (compiling costs seconds per shape)")
-
-
 def run(args: argparse.Namespace) -> int:
-    if args.what == "e2e":
-        from . import bench_e2e
-        return bench_e2e.run(args)
-    import torch
+    """``teacache-fast bench [ops]`` (options: :func:`teacache_fast.cli.bench.add_arguments`)."""
+    from .args import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
+    device = str(resolve_device(args.device))
     sizes = args.sizes or (["smoke"] if args.smoke else list(QUICK_SIZES if args.quick else SIZES))
     dtypes = args.dtypes or list(DTYPES)
     ops = args.ops or list(OPS)
     repeats = args.repeats or (2 if args.smoke else 3 if args.quick else 7)
     max_seconds = args.max_seconds or (0.01 if args.smoke else 1.0 if args.quick else 20.0)
-    if repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1, got {repeats}")
     start = time.perf_counter()
     rows = run_benchmark(sizes, dtypes, ops, device, repeats, max_seconds,
                          include_compile=not args.no_compile)
     note = ("Smoke run on a tiny size: these numbers mean nothing." if args.smoke else "")
+    if args.note:
+        note = f"{note} {args.note}".strip()
     paths = write_results(rows, device, Path(args.out), note=note)
     print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s; wrote "
           + ", ".join(str(p) for p in paths.values()))
     return 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_ops", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    parser.set_defaults(what="ops")
-    return run(parser.parse_args(argv))
 

@@ -1,4 +1,4 @@
-"""A small flow-matching Euler sampler for FLUX-style transformers (demo and e2e benchmark).
+"""A small flow-matching Euler sampler for FLUX-style transformers (demo, benchmarks, calibrate).
 
 It does what diffusers' FluxPipeline does around the transformer, minus the text
 encoders and the VAE: random "prompt" embeddings, 2x2-packed latents with their
@@ -24,16 +24,6 @@ class FluxInputs:
     img_ids: torch.Tensor                 # (L, 3)
     txt_ids: torch.Tensor                 # (T, 3)
     guidance: Optional[torch.Tensor]      # (B,) when the model embeds guidance
-
-
-# The demo's random model: 2 double + 4 single blocks, 8 heads x 64 = 512 wide
-# (36M parameters), on a 96 x 80 latent (1920 image tokens) + 64 text tokens.
-# Measured here: 0.66 s of CPU time per step on one thread, so the demo's
-# 1 + 4 runs of 28 steps (about 85 computed steps) take about a minute on 2 cores.
-DEMO_CONFIG = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
-                   attention_head_dim=64, num_attention_heads=8, joint_attention_dim=256,
-                   pooled_projection_dim=128, guidance_embeds=False, axes_dims_rope=(8, 28, 28))
-DEMO_LATENT = dict(height=96, width=80, text_len=64)
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -78,26 +68,6 @@ def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device)
 
 
-def random_flux_transformer(config: dict = DEMO_CONFIG, seed: int = 0, device="cpu",
-                            dtype=torch.float32):
-    """A FluxTransformer2DModel with seeded random weights (no download)."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = FluxTransformer2DModel(**config)
-    # diffusers zero-initialises the output projection; without a real
-    # checkpoint that would make every velocity zero, so give it random weights.
-    with torch.no_grad():
-        for p in model.proj_out.parameters():
-            p.normal_(0.0, 0.02)
-    # Module.float()/bfloat16()/half() rather than ModelMixin.to(dtype), which warns
-    # about fp32-pinned modules (FLUX has none).
-    cast = {torch.float32: model.float, torch.bfloat16: model.bfloat16, torch.float16: model.half}
-    if dtype not in cast:
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    return cast[dtype]().to(device).eval()
-
-
 def make_flux_inputs(model, height: int, width: int, text_len: int, batch: int = 1, seed: int = 0,
                      device="cpu", dtype=torch.float32) -> FluxInputs:
     """Seeded noise latents and random text embeddings shaped for ``model``'s config."""
@@ -118,26 +88,34 @@ def make_flux_inputs(model, height: int, width: int, text_len: int, batch: int =
     )
 
 
+def flux_call_kwargs(inputs: FluxInputs, x: torch.Tensor, sigma: float) -> dict:
+    """The keyword arguments of one FluxTransformer2DModel call at ``sigma`` on latent ``x``."""
+    return dict(
+        hidden_states=x.to(inputs.latents.dtype),
+        encoder_hidden_states=inputs.encoder_hidden_states,
+        pooled_projections=inputs.pooled_projections,
+        timestep=torch.full((x.shape[0],), sigma, device=x.device, dtype=inputs.latents.dtype),
+        img_ids=inputs.img_ids,
+        txt_ids=inputs.txt_ids,
+        guidance=inputs.guidance,
+        return_dict=False,
+    )
+
+
 @torch.inference_mode()
 def euler_sample(model, inputs: FluxInputs, sigmas: torch.Tensor,
-                 on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-    """Run the flow-matching Euler loop; return the final packed latent in fp32."""
+                 on_step: Optional[Callable[[int], None]] = None,
+                 call: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
+    """Run the flow-matching Euler loop; return the final packed latent in fp32.
+
+    call: ``call(model, **kwargs) -> velocity`` instead of ``model(**kwargs)[0]``
+    (e.g. to time each call, or to enter the model's cache context as a pipeline does).
+    """
     x = inputs.latents.float()
-    dtype = inputs.latents.dtype
-    B = x.shape[0]
-    device = x.device
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        v = model(
-            hidden_states=x.to(dtype),
-            encoder_hidden_states=inputs.encoder_hidden_states,
-            pooled_projections=inputs.pooled_projections,
-            timestep=torch.full((B,), sigma, device=device, dtype=dtype),
-            img_ids=inputs.img_ids,
-            txt_ids=inputs.txt_ids,
-            guidance=inputs.guidance,
-            return_dict=False,
-        )[0]
+        kwargs = flux_call_kwargs(inputs, x, sigma)
+        v = model(**kwargs)[0] if call is None else call(model, **kwargs)
         x = x + (sigma_next - sigma) * v.float()
         if on_step is not None:
             on_step(i)

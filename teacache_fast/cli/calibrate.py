@@ -21,17 +21,17 @@ is calibrated with the preset of its class.
 from __future__ import annotations
 
 import argparse
-import math
+import sys
 import zlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
-from .preset_json import MAX_DEGREE
+from ..calibrate import MAX_DEGREE
+from . import args as cli_args
 
 HELP = "fit a model's TeaCache polynomial from recorded runs and write a preset JSON + plot"
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEFAULT_PROMPTS = (
     "a photo of a red fox in the snow", "an isometric illustration of a tiny city",
     "a watercolor painting of a lighthouse at dusk", "a close-up of a dewy spider web",
@@ -40,27 +40,16 @@ DEFAULT_PROMPTS = (
 )
 
 
-def _int_in(flag: str, minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an int, got {text!r}") from None
-        if v < minimum or (maximum is not None and v > maximum):
-            bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-            raise argparse.ArgumentTypeError(f"{flag} must be {bound}, got {v}")
-        return v
-    return parse
-
-
-def _thresholds(text: str) -> List[float]:
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
-    if not values or any(not math.isfinite(v) or v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"--thresholds must be finite numbers >= 0, got {text!r}")
-    return values
+def _model(text: str) -> Union[str, Path]:
+    """``type=`` for --model: 'demo', or an existing local pipeline folder (never a Hub id)."""
+    if text == "demo":
+        return text
+    path = Path(text).expanduser()
+    if not (path / "model_index.json").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither 'demo' nor a diffusers pipeline folder (no model_index.json in it; "
+            "nothing is downloaded)")
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,28 +61,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "prompt only\n  seeds random text embeddings (run r: prompt r mod P, noise seed --seed + r).\n"
         "--model PATH: a local diffusers pipeline folder (model_index.json, text encoders included);"
         "\n  the pipeline runs each prompt with output_type='latent' and its transformer is recorded.")
-    parser.add_argument("--model", default="demo", metavar="PATH_OR_DEMO",
+    parser.add_argument("--model", type=_model, default="demo", metavar="PATH_OR_DEMO",
                         help="'demo' (default) or a local diffusers pipeline folder")
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="text file, one prompt per line (blank lines and lines starting with # "
                              "are skipped); default: 8 built-in prompts. With the demo model a prompt "
                              "only seeds random text embeddings")
-    parser.add_argument("--steps", type=_int_in("--steps", 2), default=28,
+    parser.add_argument("--steps", type=cli_args.int_in("--steps", 2), default=28,
                         help="sampling steps per run (default 28)")
-    parser.add_argument("--runs", type=_int_in("--runs", 1), default=None,
+    parser.add_argument("--runs", type=cli_args.int_in("--runs", 1), default=None,
                         help="number of generations (default: one per prompt); run r uses prompt "
                              "r mod P and noise seed --seed + r")
-    parser.add_argument("--degree", type=_int_in("--degree", 0, MAX_DEGREE), default=4,
+    parser.add_argument("--degree", type=cli_args.int_in("--degree", 0, MAX_DEGREE), default=4,
                         help="polynomial degree (default 4, as the published presets)")
     parser.add_argument("--step-range", type=int, nargs=2, default=None, metavar=("START", "END"),
                         help="fit only the pairs of steps START <= step < END (default: all)")
-    parser.add_argument("--thresholds", type=_thresholds, default=None,
+    parser.add_argument("--thresholds", type=cli_args.thresholds, default=None,
                         help="comma-separated thresholds for the table (default: a grid from the fit)")
     parser.add_argument("--variant", default=None,
                         help="variant name stored in the preset (e.g. your checkpoint's name)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                        help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    cli_args.add_device_dtype(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo weights and the noise")
     parser.add_argument("--out", default="teacache-calibration", metavar="DIR",
                         help="output folder (default ./teacache-calibration)")
@@ -107,10 +94,10 @@ def read_prompts(path: Optional[str]) -> List[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise SystemExit(f"--prompts: cannot read {path!r} ({exc})") from None
+        raise cli_args.UsageError(f"--prompts: cannot read {path!r} ({exc})") from None
     prompts = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     if not prompts:
-        raise SystemExit(f"--prompts: {path!r} holds no prompt (one per line)")
+        raise cli_args.UsageError(f"--prompts: {path!r} holds no prompt (one per line)")
     return prompts
 
 
@@ -120,29 +107,20 @@ def prompt_seed(prompt: str) -> int:
 
 
 def _device_dtype(args):
-    import torch
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
-    dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")])
-    return device, dtype
+    device = cli_args.resolve_device(args.device)
+    return device, cli_args.resolve_dtype(args.dtype, device)
 
 
 def demo_setup(args, prompts: List[str]) -> Tuple[object, Callable, Optional[int], str]:
     """(model, run_fn, num_steps, description) for the demo's random FLUX transformer."""
-    from . import sampling
+    from . import flux_model, sampling
 
     device, dtype = _device_dtype(args)
-    config, latent = dict(sampling.DEMO_CONFIG), dict(sampling.DEMO_LATENT)
-    if args.smoke:
-        config.update(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                      joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
-        latent = dict(height=8, width=8, text_len=4)
-    model = sampling.random_flux_transformer(config, seed=args.seed, device=device, dtype=dtype)
+    spec = flux_model.SPECS["smoke" if args.smoke else "demo"]
+    model = flux_model.random_flux_transformer(spec.config, seed=args.seed, device=device, dtype=dtype)
 
     def inputs_for(r: int):
-        shape = (latent["height"], latent["width"], latent["text_len"])
+        shape = (spec.height, spec.width, spec.text_len)
         text = sampling.make_flux_inputs(model, *shape, seed=prompt_seed(prompts[r % len(prompts)]),
                                          device=device, dtype=dtype)
         noise = sampling.make_flux_inputs(model, *shape, seed=args.seed + r, device=device, dtype=dtype)
@@ -153,9 +131,8 @@ def demo_setup(args, prompts: List[str]) -> Tuple[object, Callable, Optional[int
         sigmas = sampling.flux_sigmas(args.steps, image_seq_len=inputs.latents.shape[1])
         sampling.euler_sample(m, inputs, sigmas)
 
-    what = (f"demo random FLUX transformer ({config['num_layers']}+{config['num_single_layers']} blocks), "
-            f"{latent['height'] * latent['width'] // 4} image tokens, {str(dtype).replace('torch.', '')} "
-            f"on {device}")
+    what = (f"demo random FLUX transformer ({flux_model.describe(model, spec)}), "
+            f"{cli_args.dtype_name(dtype)} on {device}")
     return model, run_fn, args.steps, what
 
 
@@ -171,12 +148,9 @@ def pipeline_setup(args, prompts: List[str]) -> Tuple[object, Callable, Optional
     try:
         from diffusers import DiffusionPipeline
     except ImportError:
-        raise SystemExit("--model PATH needs diffusers: pip install 'teacache_fast[diffusers]'") from None
-    if not (Path(args.model) / "model_index.json").is_file():
-        raise SystemExit(f"--model: {args.model!r} is neither 'demo' nor a diffusers pipeline folder "
-                         "(no model_index.json in it)")
+        raise cli_args.UsageError("--model PATH needs diffusers: pip install 'teacache_fast[diffusers]'") from None
     device, dtype = _device_dtype(args)
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True).to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # our own bar counts the steps
 
@@ -185,24 +159,24 @@ def pipeline_setup(args, prompts: List[str]) -> Tuple[object, Callable, Optional
         p(prompt=prompts[r % len(prompts)], num_inference_steps=args.steps, generator=generator,
           output_type="latent")
 
-    what = f"{args.model} ({type(pipe.transformer).__name__}), {str(dtype).replace('torch.', '')} on {device}"
+    what = f"{args.model} ({type(pipe.transformer).__name__}), {cli_args.dtype_name(dtype)} on {device}"
     return pipe, run_fn, None, what
 
 
 def run(args: argparse.Namespace) -> int:
-    from .calibrate import CalibrationError, calibrate
+    from ..calibrate import CalibrationError, calibrate
 
     if args.step_range is not None:
         start, end = args.step_range
         if not 0 <= start < end:
-            raise SystemExit(f"--step-range needs 0 <= START < END, got {start} {end}")
+            raise cli_args.UsageError(f"--step-range needs 0 <= START < END, got {start} {end}")
     prompts = read_prompts(args.prompts)
     runs = args.runs or len(prompts)
     if args.model == "demo":
         target, run_fn, num_steps, what = demo_setup(args, prompts)
     else:
         if args.smoke:
-            raise SystemExit("--smoke applies to --model demo only")
+            raise cli_args.UsageError("--smoke applies to --model demo only")
         target, run_fn, num_steps, what = pipeline_setup(args, prompts)
     print(f"calibrating {what}: {runs} runs x {args.steps} steps, degree {args.degree}")
     try:
@@ -210,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
                            step_range=tuple(args.step_range) if args.step_range else None,
                            variant=args.variant, progress=True)
     except CalibrationError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,3 +199,9 @@ def run(args: argparse.Namespace) -> int:
     print(result.format_table(args.thresholds))
     print(f"wrote {out / 'preset.json'}, {out / 'fit.png'}, {out / 'recording.npz'}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="teacache-fast calibrate")
+    add_arguments(parser)
+    return cli_args.run_parsed(parser, run, argv)

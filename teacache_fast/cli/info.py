@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 
 HELP = "print versions and the backends available on this machine (and why the others are not)"
@@ -16,7 +17,7 @@ def backend_report() -> dict[str, str]:
     """One line per backend: 'available on ...' or the reason it cannot run."""
     import torch
 
-    from .backends import BACKENDS, unavailable_reason
+    from teacache_fast.ops import BACKENDS, unavailable_reason
 
     cuda_device = torch.cuda.is_available()
     report = {}
@@ -53,20 +54,19 @@ def backend_report() -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ._version import __version__
-    from .backends import requested_backend
+    import teacache_fast as tf
 
     try:
         import triton
         triton_version = triton.__version__
     except Exception as exc:  # noqa: BLE001 - report any import failure
         triton_version = f"not available ({exc.__class__.__name__})"
-    print(f"teacache_fast {__version__}")
+    print(f"teacache_fast {tf.__version__}")
     print(f"python        {platform.python_version()}")
     print(f"torch         {torch.__version__} (CUDA runtime {torch.version.cuda or 'none'})")
     print(f"triton        {triton_version}")
     print(f"cuda device   {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-    print(f"backend       {requested_backend()} (TEACACHE_FAST_BACKEND)")
+    print(f"backend       {os.environ.get('TEACACHE_FAST_BACKEND') or 'auto'} (TEACACHE_FAST_BACKEND)")
     print("backends:")
     for name, line in backend_report().items():
         print(f"  {name:<7} {line}")

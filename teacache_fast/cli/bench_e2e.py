@@ -3,35 +3,30 @@
 Two model sizes (the demo's small model, and one as wide as FLUX.1 with few
 blocks). Per threshold it reports the achieved speedup against the ideal one
 (total / computed steps), the share of the run spent inside the cache's ops
-(indicator, decision, residual capture / apply; timed around each op call),
-the overhead at threshold 0 (every step computed, so all of the difference is
-the cache's own work), peak memory with and without the cache, and the final
-latent's PSNR vs the uncached run. Writes ``e2e-<device>.md`` and ``.csv``.
+(indicator, decision, residual capture / apply; from the torch profiler, see
+:class:`OpProfile`), the overhead at threshold 0 (every step computed, so all
+of the difference is the cache's own work), peak memory with and without the
+cache, and the final latent's PSNR vs the uncached run. Then the host-cost row
+(:mod:`.host_cost`): this library, the official TeaCache script and diffusers'
+FirstBlockCache / MagCache per call on one tiny model. Writes
+``e2e-<device>.md`` / ``.csv`` and ``e2e-host-<device>.md`` / ``.csv``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import bench_ops, sampling
-from .demo import DEFAULT_THRESHOLDS, compare, timed_run
+from . import args as cli_args
+from . import flux_model, sampling
+from .machine import device_name, device_slug, environment_lines
+from .runs import compare, timed_run
 
-# name -> (transformer config overrides of sampling.DEMO_CONFIG, latent height/width/text tokens)
-MODEL_SIZES = {
-    "small": ({}, dict(sampling.DEMO_LATENT)),
-    "flux-width": (dict(num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=24,
-                        joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56)),
-                   dict(height=32, width=32, text_len=32)),
-}
-SMOKE_SIZE = {"smoke": (dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                             joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
-                        dict(height=8, width=8, text_len=4))}
+# The e2e model sizes (flux_model.SPECS names); --quick runs the first, --smoke the tiny one.
+MODEL_SIZES = ("demo", "flux-width")
 # The public ops the wrapper calls; the time spent inside them is the cache machinery.
 MACHINERY_OPS = ("modulated_rel_l1_", "rel_l1_partials", "teacache_decide_", "residual_capture_",
                  "residual_apply_")
@@ -39,54 +34,43 @@ MACHINERY_OPS = ("modulated_rel_l1_", "rel_l1_partials", "teacache_decide_", "re
 
 # --------------------------------------------------------------------------- measuring
 
-class OpTimer:
-    """Time every call of the wrapper's ops (patched on ``teacache_fast.ops``) while active.
+class OpProfile:
+    """Time spent inside the wrapper's ops during a run, from the torch profiler.
 
-    CPU: wall time around each call. CUDA: events around each call, read once at
-    the end, so the instrumentation adds no sync of its own.
+    The ops are ``torch.library`` custom ops, so each call passes torch's
+    dispatcher, and the profiler records it under the registered name
+    (``teacache_fast::modulated_rel_l1_``, ...) with its CPU time and, on CUDA,
+    the device time of the kernels launched inside it. That needs nothing from
+    the library (no patched module attribute, no hook) and sees exactly the calls
+    the wrapper makes. The profiler also records every other op of the run, which
+    costs time of its own, so the profiled run is an extra run: the timed runs
+    carry no instrumentation. ``share`` divides by the profiled run's own wall
+    time (both inflated alike).
     """
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
         self.seconds = 0.0
         self.calls = 0
-        self._events = []
 
-    def _wrap(self, fn):
-        import torch
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
 
-        def timed(*args, **kwargs):
-            self.calls += 1
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn(*args, **kwargs)
-                end.record()
-                self._events.append((start, end))
-                return out
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.seconds += time.perf_counter() - t0
-            return out
-        return timed
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self._prof = profile(activities=activities)
+        self._prof.__enter__()
+        return self
 
-    @contextlib.contextmanager
-    def active(self):
-        from . import ops
-
-        originals = {name: getattr(ops, name) for name in MACHINERY_OPS}
-        try:
-            for name, fn in originals.items():
-                setattr(ops, name, self._wrap(fn))
-            yield self
-        finally:
-            for name, fn in originals.items():
-                setattr(ops, name, fn)
-            if self.cuda:
-                import torch
-                torch.cuda.synchronize()
-                self.seconds += sum(s.elapsed_time(e) for s, e in self._events) / 1e3
-                self._events.clear()
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        if exc[0] is None:
+            names = {f"teacache_fast::{op}" for op in MACHINERY_OPS}
+            for event in self._prof.key_averages():
+                if event.key in names:
+                    self.calls += event.count
+                    total_us = event.device_time_total if self.cuda else event.cpu_time_total
+                    self.seconds += total_us / 1e6
+        return False
 
 
 class PeakMemory:
@@ -140,46 +124,51 @@ def bench_model(size: str, steps: int, thresholds: List[float], device, dtype, s
     """All runs for one model size, the fastest of ``passes``; one dict per configuration (no cache first)."""
     import torch
 
-    overrides, latent = {**MODEL_SIZES, **SMOKE_SIZE}[size]
-    config = {**sampling.DEMO_CONFIG, **overrides}
-    model = sampling.random_flux_transformer(config, seed=seed, device=device, dtype=dtype)
-    inputs = sampling.make_flux_inputs(model, latent["height"], latent["width"], latent["text_len"],
-                                       seed=seed, device=device, dtype=dtype)
+    spec = flux_model.SPECS[size]
+    model, inputs = flux_model.build(spec, seed=seed, device=device, dtype=dtype)
     sigmas = sampling.flux_sigmas(steps, image_seq_len=inputs.latents.shape[1])
-    params = sum(p.numel() for p in model.parameters())
-    width = config["num_attention_heads"] * config["attention_head_dim"]
-    describe = (f"{config['num_layers']}+{config['num_single_layers']} blocks, width {width}, "
-                f"{params / 1e6:.0f}M params, {inputs.latents.shape[1]}+{latent['text_len']} tokens")
+    describe = flux_model.describe(model, spec)
     log(f"[{size}] {describe}")
     timed_run(model, inputs, sigmas[-3:], None)            # warm-up, not reported
     timed_run(model, inputs, sigmas[-3:], 0.0, num_steps=2)
 
+    configs = [None, 0.0] + [t for t in thresholds if t != 0.0]
+    # One profiled run per configuration, for the time inside the cache's ops.
+    profiles: Dict[Optional[float], tuple] = {}
+    for th in configs:
+        with OpProfile(cuda=device.type == "cuda") as prof:
+            _, r = timed_run(model, inputs, sigmas, th)
+        if th is not None and r.computed and not prof.calls:
+            raise RuntimeError("the torch profiler recorded no teacache_fast op: eager op calls no longer pass "
+                               "torch's dispatcher, so OpProfile cannot see them (give the ops a "
+                               "torch.profiler.record_function name)")
+        profiles[th] = (prof, r.seconds)
     # Every configuration runs once per pass, the passes interleaved, and the
     # fastest pass counts: on a shared machine, load only ever adds time.
-    configs = [None, 0.0] + [t for t in thresholds if t != 0.0]
     best: Dict[Optional[float], tuple] = {}
     for _ in range(passes):
         for th in configs:
-            timer = OpTimer(cuda=device.type == "cuda")
-            with PeakMemory(device) as mem, timer.active():
+            with PeakMemory(device) as mem:
                 latent_out, r = timed_run(model, inputs, sigmas, th)
             if th not in best or r.seconds < best[th][1].seconds:
-                best[th] = (latent_out, r, timer, mem.peak_bytes)
+                best[th] = (latent_out, r, mem.peak_bytes)
     rows = []
     base_latent, base = best[None][:2]
     for th in configs:
-        latent_out, r, timer, peak = best[th]
+        latent_out, r, peak = best[th]
+        prof, profiled_seconds = profiles[th]
         compare(r, latent_out, base, base_latent)
         rows.append({
             "model": size, "describe": describe, "threshold": th, "computed": r.computed, "total": r.total,
             "seconds": r.seconds, "speedup": r.speedup, "ideal_speedup": r.ideal_speedup,
-            "of_ideal": r.speedup / r.ideal_speedup, "machinery_s": timer.seconds,
-            "machinery_share": timer.seconds / r.seconds, "op_calls": timer.calls,
-            "peak_mem_mb": peak / 2**20, "cache_mb": r.cache_bytes / 2**20, "psnr_db": r.psnr_db, "max_abs_err": r.max_abs_err,
+            "of_ideal": r.speedup / r.ideal_speedup, "machinery_s": prof.seconds,
+            "machinery_share": prof.seconds / profiled_seconds, "op_calls": prof.calls,
+            "peak_mem_mb": peak / 2**20, "cache_mb": r.cache_bytes / 2**20, "psnr_db": r.psnr_db,
+            "max_abs_err": r.max_abs_err,
         })
         log(f"[{size}] threshold {'none' if th is None else th}: {r.computed}/{r.total} steps, "
             f"{r.seconds:.2f} s, {r.speedup:.2f}x (ideal {r.ideal_speedup:.2f}x), "
-            f"cache ops {timer.seconds / r.seconds:.2%} of the run")
+            f"cache ops {prof.seconds / profiled_seconds:.2%} of the run")
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -194,16 +183,18 @@ CSV_COLUMNS = ["model", "describe", "threshold", "computed", "total", "seconds",
 
 
 def markdown(rows: List[dict], device: str, steps: int, dtype, passes: int, note: str = "") -> List[str]:
-    lines = [f"# End-to-end benchmark: {bench_ops.device_name(device)}", "",
-             *[line for line in bench_ops.environment_lines(device) if not line.startswith("- timing")],
-             f"- {steps} flow-matching Euler steps, {str(dtype).replace('torch.', '')}, batch 1, "
+    lines = [f"# End-to-end benchmark: {device_name(device)}", "",
+             *environment_lines(device),
+             f"- {steps} flow-matching Euler steps, {cli_args.dtype_name(dtype)}, batch 1, "
              "random-weight FluxTransformer2DModel, FLUX.1-dev preset coefficients",
              f"- each configuration ran {passes} time(s), interleaved; the fastest run is reported", ""]
     if note:
         lines += [note, ""]
     lines += [
         "`of ideal`: achieved speedup / (total / computed steps). `cache ops`: time inside the "
-        "wrapper's op calls (indicator, decision, residual) as a share of the run; the host read "
+        "wrapper's op calls (indicator, decision, residual) as a share of the run, from the torch "
+        "profiler's record of the ops (" + ("device time of their kernels" if device.startswith("cuda")
+                                            else "CPU time") + ") in one extra profiled run; the host read "
         "of the decision and the wrapper's Python are not in it, but they are in the threshold-0 "
         "row, where every step is computed, so its extra time over `none` is the whole cost of the "
         "cache. `cache MB`: the tensors the cache holds (stats()['cache_bytes']: previous "
@@ -236,7 +227,7 @@ def markdown(rows: List[dict], device: str, steps: int, dtype, passes: int, note
 def write_results(rows: List[dict], device: str, out_dir: Path, steps: int, dtype, passes: int,
                   note: str = ""):
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"e2e-{bench_ops.device_slug(device)}"
+    stem = f"e2e-{device_slug(device)}"
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
@@ -247,41 +238,53 @@ def write_results(rows: List[dict], device: str, out_dir: Path, steps: int, dtyp
     return csv_path, md_path
 
 
+def write_host_results(result: Dict, device: str, out_dir: Path, note: str = ""):
+    """e2e-host-<device>.csv and .md (the host-cost row); return their paths."""
+    from . import host_cost
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"e2e-host-{device_slug(device)}"
+    csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=host_cost.CSV_COLUMNS)
+        w.writeheader()
+        for r in result["rows"]:
+            w.writerow({k: r[k] for k in host_cost.CSV_COLUMNS})
+    lines = [f"# Host cost per call: {device_name(device)}", "", *environment_lines(device),
+             "- timing: time.perf_counter around each transformer call, 1 thread", ""]
+    if note:
+        lines += [note, ""]
+    md_path.write_text("\n".join(lines + host_cost.markdown(result)))
+    return csv_path, md_path
+
+
 # --------------------------------------------------------------------------- command line
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    bench_ops.add_arguments(parser)
-
-
 def run(args: argparse.Namespace) -> int:
-    """``teacache-fast bench e2e`` (shares the bench options: --device --out --quick --smoke)."""
+    """``teacache-fast bench e2e`` (options: :func:`teacache_fast.cli.bench.add_arguments`)."""
     import torch
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
-    dtypes = getattr(args, "dtypes", None)
-    dtype = (bench_ops._torch_dtype(dtypes[0]) if dtypes
-             else torch.bfloat16 if device.type == "cuda" else torch.float32)
-    smoke = getattr(args, "smoke", False)
-    sizes = ["smoke"] if smoke else ["small"] if getattr(args, "quick", False) else list(MODEL_SIZES)
-    steps = getattr(args, "steps", None) or (4 if smoke else 28)
-    thresholds = getattr(args, "thresholds", None) or list(DEFAULT_THRESHOLDS)
-    passes = getattr(args, "repeats", None) or (1 if smoke else 2)
-    rows = []
-    with torch.inference_mode():
-        for size in sizes:
-            rows += bench_model(size, steps, thresholds, device, dtype, seed=0, passes=passes)
-    note = "Smoke run on a tiny model: these numbers mean nothing." if smoke else ""
-    paths = write_results(rows, str(device), Path(args.out), steps, dtype, passes, note)
-    print("wrote " + ", ".join(map(str, paths)))
+    from . import host_cost
+
+    device = cli_args.resolve_device(args.device)
+    dtype = (cli_args.torch_dtype(args.dtypes[0]) if args.dtypes else cli_args.resolve_dtype(None, device))
+    sizes = ["smoke"] if args.smoke else list(MODEL_SIZES[:1] if args.quick else MODEL_SIZES)
+    steps = args.steps or (4 if args.smoke else 28)
+    thresholds = args.thresholds or flux_model.flux_preset()[2]
+    passes = args.repeats or (1 if args.smoke else 2)
+    note = "Smoke run on a tiny model: these numbers mean nothing." if args.smoke else ""
+    if args.note:
+        note = f"{note} {args.note}".strip()
+    written = []
+    if args.host_cost != "only":
+        rows = []
+        with torch.inference_mode():
+            for size in sizes:
+                rows += bench_model(size, steps, thresholds, device, dtype, seed=0, passes=passes)
+        written += write_results(rows, str(device), Path(args.out), steps, dtype, passes, note)
+    if args.host_cost != "skip":
+        result = host_cost.measure_host_cost(steps=steps, passes=args.repeats or (1 if args.smoke else 10),
+                                             device=device, dtype=dtype)
+        written += write_host_results(result, str(device), Path(args.out), note)
+    print("wrote " + ", ".join(map(str, written)))
     return 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_e2e", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    parser.set_defaults(what="e2e")
-    args = parser.parse_args(argv)
-    args.what = "e2e"
-    return run(args)

@@ -2,24 +2,34 @@
 
 Each subcommand lives in its own module exposing ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only wires
-them into argparse and imports a module when its subcommand is used.
+them into argparse. A :class:`~teacache_fast.cli.args.UsageError` from a
+subcommand ends as argparse errors do: ``error: <message>``, exit code 2.
+
+Layering: this package uses the core through its public names only
+(``teacache_fast``, ``teacache_fast.ops``, ``teacache_fast.calibrate``,
+``teacache_fast.models``); nothing outside it imports it.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from typing import List, Optional
+
+from .args import UsageError
 
 SUBCOMMANDS = {
-    "calibrate": "teacache_fast.calibrate_cli",
-    "info": "teacache_fast.info",
-    "bench": "teacache_fast.bench_ops",
-    "demo": "teacache_fast.demo",
+    "calibrate": "teacache_fast.cli.calibrate",
+    "info": "teacache_fast.cli.info",
+    "bench": "teacache_fast.cli.bench",
+    "demo": "teacache_fast.cli.demo",
 }
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS", "UsageError"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ._version import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="teacache-fast",
@@ -30,17 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as exc:
+        args._parser.error(str(exc))
+    return 2  # not reached: error() exits
 
 
 if __name__ == "__main__":
