@@ -214,6 +214,8 @@ def test_128_bit_accesses_in_hot_loops(report):
         if any(b >= 128 for b in k["unattributed_bits"]):
             problems.append(f"{k['name']} ({k['case']}): {k['unattributed']} accesses not attributed, "
                             f"widths {k['unattributed_bits']}")
+        if k["backend"] == "triton" and k["extra"]["sass_ldg128"] == 0:  # ptxas kept the vectors
+            problems.append(f"{k['name']} ({k['case']}): no LDG.E.128 in the SASS")
         if k["hot_loops"] == 0 or max(k["hot_ld_bits"]) != 128:
             problems.append(f"{k['name']}: hot loops {k['hot_loops']}, load bits {k['hot_ld_bits']}")
         if k["hot_st_bits"]:  # the row kernels that write: one pack per store
