@@ -965,6 +965,10 @@ How each column is derived (all from compiled code; nothing is run):
 - **all loads before 1st barrier**: within one iteration of the row, no global load is reachable from
   a barrier (`BAR.SYNC` in SASS, `bar.sync` in PTX); `no barrier` when the row has none.
 - **local mem in a loop**: an LDL/STL (ld.local/st.local) inside any loop.
+- The small kernels without rows (`decide_kernel`, `finish_partials_kernel`, `_sum_partials_kernel`,
+  `_decide_kernel`) get the same columns, computed over their grid-stride loop or whole function;
+  the test holds only the row and elementwise kernels to "once per row" and "loads before the
+  barrier".
 """
 
 
