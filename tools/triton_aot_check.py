@@ -225,20 +225,35 @@ def widest_load(ptx: str) -> int:
     return max((int(v or 1) * int(bits) for v, bits in _LOAD.findall(ptx)), default=0)
 
 
-def resource_usage(cubin: bytes) -> str:
-    """'regs=N stack=S local=L' from cuobjdump, or '' when cuobjdump is not found."""
+def cuobjdump_path() -> str | None:
+    """Triton's bundled cuobjdump (it reads the cubins its ptxas writes), else one on PATH."""
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    tool = bundled if os.access(bundled, os.X_OK) else shutil.which("cuobjdump")
+    return bundled if os.access(bundled, os.X_OK) else shutil.which("cuobjdump")
+
+
+def resource_counts(cubin: bytes) -> dict[str, dict[str, int]]:
+    """{function: {"REG": n, "STACK": s, "SHARED": b, "LOCAL": l, ...}} from
+    ``cuobjdump --dump-resource-usage``; {} when cuobjdump is not found."""
+    tool = cuobjdump_path()
     if tool is None:
-        return ""
+        return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
                               text=True).stdout
-    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
-    if not usage:
+    usage: dict[str, dict[str, int]] = {}
+    for name, body in re.findall(r"^\s*Function (\S+):\n(.*)$", text, re.M):
+        usage[name] = {k: int(v) for k, v in re.findall(r"\b([A-Z]+(?:\[\d+\])?):(\d+)", body)}
+    return usage
+
+
+def resource_usage(cubin: bytes) -> str:
+    """'regs=N stack=S local=L' from cuobjdump, or '' when cuobjdump is not found."""
+    counts = resource_counts(cubin)
+    if not counts:
         return ""
+    usage = next(iter(counts.values()))  # a Triton cubin holds one kernel
     # Register spills go to local memory: LOCAL > 0 (or STACK > 0) means spilling.
     return f"regs={usage.get('REG', '?')} stack={usage.get('STACK', '?')} local={usage.get('LOCAL', '?')}"
 

@@ -1,0 +1,281 @@
+"""The compiled kernels keep the promises of DESIGN.md, checked on the machine code.
+
+tools/kernel_report.py compiles csrc/ for sm_90 (nvcc -Xptxas -v, cuobjdump
+-sass) and AOT-compiles the Triton kernels at the benchmark shapes, once per
+session (module fixture, in a subprocess without TRITON_INTERPRET). The tests
+read its JSON facts:
+
+- no register spills and no local memory in any hot loop;
+- 128-bit global accesses in the hot loops of aligned rows;
+- the resident blocks per SM the grid is sized for fit at the compiled
+  register counts;
+- each input is read once per row, and all loads of a row are issued before
+  its first barrier;
+- benchmarks/results/kernels-sm90.md is what a fresh run writes (facts table).
+
+Known shortfalls are not waved through: KNOWN_SHORTFALLS holds each one with
+its measured value. A kernel listed there must be no worse than that value
+AND still fall short; when a fix lands, the test fails until the entry is
+removed (so the table always says what is true today).
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "kernel_report.py"
+REPORT = ROOT / "benchmarks" / "results" / "kernels-sm90.md"
+
+
+def _missing() -> str | None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import kernel_report
+    finally:
+        sys.path.pop(0)
+    if kernel_report._nvcc() is None:
+        return "nvcc is not installed"
+    try:
+        import triton
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import problem means no CUDA backend
+        return "triton's CUDA backend is not installed"
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not ((bin_dir / "cuobjdump").exists() or shutil.which("cuobjdump")):
+        return "cuobjdump is not installed"
+    if not ((bin_dir / "ptxas").exists() or shutil.which("ptxas")):
+        return "ptxas is not installed"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+
+
+# ------------------------------------------------------------------ known shortfalls
+# (backend, kernel, dtype or None for every variant) -> {property: measured value}.
+# Properties: "blocks" (resident blocks/SM, grid assumes more), "stack" (bytes),
+# "local_in_loop" (True), "x_passes" (reads of x per row), "loads_before_barrier" (False).
+KNOWN_SHORTFALLS = {
+    # Review finding: 37-40 registers -> 6 blocks of 256 threads fit, kBlocksPerSm is 8.
+    ("cuda", "modulate_rows_kernel<BF16,F32,true>", None): {"blocks": 6},
+    ("cuda", "modulate_rows_kernel<F16,F16,true>", None): {"blocks": 6},
+    ("cuda", "modulate_rows_kernel<F16,F32,true>", None): {"blocks": 6},
+    ("cuda", "modulate_rows_kernel<F32,F32,true>", None): {"blocks": 6},
+    # Review finding: Poly's coefficients are indexed at run time -> a 40-byte stack
+    # frame, read with LDL inside the grid-stride loop.
+    ("cuda", "decide_kernel", None): {"stack": 40, "local_in_loop": True},
+    # Found by this report: Triton's launch_config sizes grids for _PROGRAMS_PER_SM = 8
+    # resident programs, but 16 warps (512 threads) per program fit at most 4 per SM
+    # (2048 threads), fewer at the compiled register counts.
+    ("triton", "_modulate_kernel", "bf16"): {"blocks": 4},
+    ("triton", "_modulate_kernel", "fp32"): {"blocks": 3},
+    ("triton", "_modulated_rel_l1_kernel", "bf16"): {"blocks": 2},
+    ("triton", "_modulated_rel_l1_kernel", "fp32"): {"blocks": 2},
+    ("triton", "_rel_l1_partials_kernel", "bf16"): {"blocks": 4},
+    ("triton", "_rel_l1_partials_kernel", "fp32"): {"blocks": 3},
+    ("triton", "_residual_capture_kernel", None): {"blocks": 4},
+    ("triton", "_residual_apply_kernel", None): {"blocks": 4},
+}
+# Review finding (CUDA), confirmed for Triton by this report: with LayerNorm the row
+# kernels read x three times (mean, variance, output), and the statistics' block
+# reductions put a barrier between them.
+for _kernel in ("modulate_rows_kernel<%s>" % v for v in (
+        "BF16,BF16,false", "BF16,BF16,true", "BF16,F32,false", "BF16,F32,true", "F16,F16,false",
+        "F16,F16,true", "F16,F32,false", "F16,F32,true", "F32,F32,false", "F32,F32,true")):
+    KNOWN_SHORTFALLS.setdefault(("cuda", _kernel, None), {}).update(x_passes=3, loads_before_barrier=False)
+for _kernel in ("_modulate_kernel", "_modulated_rel_l1_kernel"):
+    for _dtype in ("bf16", "fp32"):
+        KNOWN_SHORTFALLS[("triton", _kernel, _dtype)].update(x_passes=3, loads_before_barrier=False)
+
+# Kernels whose work is a row / an elementwise range (the bandwidth-bound ones).
+ROW_KERNELS = re.compile(r"^(modulate_rows_kernel|rel_l1_kernel|capture_kernel|apply_kernel|"
+                         r"_modulate_kernel|_modulated_rel_l1_kernel|_rel_l1_partials_kernel|"
+                         r"_residual_capture_kernel|_residual_apply_kernel)\b")
+# The input that holds the row (read once per row is the promise for every input).
+MAIN_INPUT = {"modulate_rows_kernel": "x", "_modulate_kernel": "x_ptr", "_modulated_rel_l1_kernel": "x_ptr"}
+# Inputs each row kernel must be seen to load (proves the attribution found them).
+EXPECTED_INPUTS = {
+    "modulate_rows_kernel": {"x", "scale", "shift"}, "rel_l1_kernel": {"cur", "prev"},
+    "capture_kernel": {"out", "inp"}, "apply_kernel": {"hidden", "residual"},
+    "_modulate_kernel": {"x_ptr", "scale_ptr", "shift_ptr"},
+    "_modulated_rel_l1_kernel": {"x_ptr", "scale_ptr", "shift_ptr", "prev_ptr"},
+    "_rel_l1_partials_kernel": {"cur_ptr", "prev_ptr"},
+    "_residual_capture_kernel": {"out_ptr", "inp_ptr"},
+    "_residual_apply_kernel": {"hidden_ptr", "res_ptr"},
+}
+# Per-sample scalars read once per row loop iteration, not row data.
+NOT_ROW_DATA = {"mask"}
+SIZES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernel_report")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(out / "triton_cache")  # really compile
+    start = time.time()
+    proc = subprocess.run([sys.executable, str(TOOL), "--out", str(out), "--json", str(out / "facts.json"),
+                           "--jobs", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    facts = json.loads((out / "facts.json").read_text())
+    facts["wall_s"] = time.time() - start
+    print(f"\nkernel_report: {facts['wall_s']:.1f} s", file=sys.stderr)
+    return facts, (out / "kernels-sm90.md").read_text()
+
+
+def _known(k: dict) -> dict:
+    dtype = k.get("extra", {}).get("dtype")
+    return {**KNOWN_SHORTFALLS.get((k["backend"], k["name"], None), {}),
+            **KNOWN_SHORTFALLS.get((k["backend"], k["name"], dtype), {})}
+
+
+def _base(k: dict) -> str:
+    return k["name"].split("<")[0]
+
+
+def _check(problems: list, k: dict, prop: str, measured, ok: bool, no_worse):
+    """ok: the promise holds. no_worse(known): measured is no worse than the table."""
+    known = _known(k)
+    label = f"{k['backend']} {k['name']} ({k['case']})"
+    if prop in known:
+        if ok:
+            problems.append(f"{label}: {prop} = {measured!r} now meets the design; "
+                            "remove it from KNOWN_SHORTFALLS")
+        elif not no_worse(known[prop]):
+            problems.append(f"{label}: {prop} = {measured!r}, worse than the known {known[prop]!r}")
+    elif not ok:
+        problems.append(f"{label}: {prop} = {measured!r} breaks the design")
+
+
+def test_every_kernel_is_reported(report):
+    facts, _ = report
+    names = {(k["backend"], _base(k)) for k in facts["kernels"]}
+    assert names == {("cuda", n) for n in ("modulate_rows_kernel", "rel_l1_kernel", "finish_partials_kernel",
+                                          "capture_kernel", "apply_kernel", "decide_kernel")} | \
+        {("triton", n) for n in ("_modulate_kernel", "_modulated_rel_l1_kernel", "_sum_partials_kernel",
+                                 "_rel_l1_partials_kernel", "_residual_capture_kernel",
+                                 "_residual_apply_kernel", "_decide_kernel")}
+    cuda = [k for k in facts["kernels"] if k["backend"] == "cuda"]
+    assert len(cuda) == 10 + 3 + 1 + 9 + 9 + 1  # every template instance
+    for key in KNOWN_SHORTFALLS:  # the table names real kernels
+        assert any((k["backend"], k["name"]) == key[:2] and key[2] in (None, k.get("extra", {}).get("dtype"))
+                   for k in facts["kernels"]), key
+
+
+def test_no_spills_and_no_local_memory_in_hot_loops(report):
+    facts, _ = report
+    problems = []
+    for k in facts["kernels"]:
+        if k["spill_st"] or k["spill_ld"] or k["local"]:
+            problems.append(f"{k['name']}: spills {k['spill_st']}/{k['spill_ld']} B, local {k['local']} B")
+        _check(problems, k, "stack", k["stack"], k["stack"] == 0, lambda known: k["stack"] <= known)
+        _check(problems, k, "local_in_loop", k["local_in_loop"], not k["local_in_loop"],
+               lambda known: True)
+        if k["backend"] == "triton":
+            assert k["extra"]["sass_local"] == 0, k["name"]
+    assert not problems, "\n".join(problems)
+
+
+def _expected_bits(k: dict, param: str) -> int:
+    """Widest access of `param` on an aligned row: 128 bits, or one pack of VEC
+    elements of a narrower second dtype (CUDA: VEC = 16 bytes of the main dtype)."""
+    m = re.fullmatch(r"(\w+)<(\w+)(?:,(\w+))?(?:,\w+)?>", k["name"])
+    if k["backend"] == "triton" or not m or m.group(3) is None:
+        return 128
+    kernel, main, other = m.groups()
+    vec = 16 // SIZES[main]
+    second = {"capture_kernel": {"residual"}, "apply_kernel": {"residual"},
+              "modulate_rows_kernel": {"scale", "shift"}}[kernel]
+    return min(128, vec * SIZES[other] * 8) if param in second else 128
+
+
+def test_128_bit_accesses_in_hot_loops(report):
+    facts, _ = report
+    problems = []
+    for k in facts["kernels"]:
+        if not ROW_KERNELS.match(k["name"]):
+            continue
+        inputs = set(k["passes"]) - NOT_ROW_DATA
+        missing = EXPECTED_INPUTS[_base(k)] - inputs
+        if missing:
+            problems.append(f"{k['name']} ({k['case']}): no attributed loads of {sorted(missing)}")
+        for p in inputs:
+            want = _expected_bits(k, p)
+            if k["widest_ld"][p] != want:
+                problems.append(f"{k['name']} ({k['case']}): widest load of {p} is {k['widest_ld'][p]} bits, "
+                                f"want {want}")
+        if any(b >= 128 for b in k["unattributed_bits"]):
+            problems.append(f"{k['name']} ({k['case']}): {k['unattributed']} accesses not attributed, "
+                            f"widths {k['unattributed_bits']}")
+        if k["backend"] == "triton" and k["extra"]["sass_ldg128"] == 0:  # ptxas kept the vectors
+            problems.append(f"{k['name']} ({k['case']}): no LDG.E.128 in the SASS")
+        if k["hot_loops"] == 0 or max(k["hot_ld_bits"]) != 128:
+            problems.append(f"{k['name']}: hot loops {k['hot_loops']}, load bits {k['hot_ld_bits']}")
+        if k["hot_st_bits"]:  # the row kernels that write: one pack per store
+            out = "residual" if _base(k) == "capture_kernel" else None
+            want = _expected_bits(k, out) if out else 128
+            if max(k["hot_st_bits"]) != want:
+                problems.append(f"{k['name']}: widest hot-loop store {max(k['hot_st_bits'])} bits, want {want}")
+    assert not problems, "\n".join(problems)
+
+
+def test_resident_blocks_match_the_grid(report):
+    facts, _ = report
+    problems = []
+    checked = 0
+    for k in facts["kernels"]:
+        if k["assumed"] is None:
+            continue
+        checked += 1
+        _check(problems, k, "blocks", k["blocks"], k["blocks"] >= k["assumed"],
+               lambda known: k["blocks"] >= known)
+    assert checked >= 30
+    assert not problems, "\n".join(problems)
+
+
+def test_each_input_read_once_per_row(report):
+    facts, _ = report
+    problems = []
+    for k in facts["kernels"]:
+        if not ROW_KERNELS.match(k["name"]):
+            continue
+        main = MAIN_INPUT.get(_base(k))
+        for p, n in k["passes"].items():
+            if p == main:
+                _check(problems, k, "x_passes", n, n == 1, lambda known: n <= known)
+            elif n != 1:
+                problems.append(f"{k['name']} ({k['case']}): {p} read {n} times per row")
+    assert not problems, "\n".join(problems)
+
+
+def test_all_loads_of_a_row_before_its_first_barrier(report):
+    facts, _ = report
+    problems = []
+    for k in facts["kernels"]:
+        if not ROW_KERNELS.match(k["name"]):
+            continue
+        before = k["loads_before_barrier"]
+        _check(problems, k, "loads_before_barrier", before, before in (True, None),
+               lambda known: True)
+    assert not problems, "\n".join(problems)
+
+
+def test_committed_report_is_current(report):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import kernel_report
+    finally:
+        sys.path.pop(0)
+    facts, fresh = report
+    assert REPORT.exists(), "run python tools/kernel_report.py"
+    committed = kernel_report.extract_facts(REPORT.read_text())
+    assert committed == kernel_report.extract_facts(fresh), (
+        "benchmarks/results/kernels-sm90.md is stale: run python tools/kernel_report.py")
+    assert facts["wall_s"] < 600
