@@ -67,11 +67,13 @@ def _backend(t: Tensor):
 
 
 def _as_rows3(x: Tensor) -> Tensor:
+    if x.dim() == 3 and x.is_contiguous():
+        return x
     return x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
 
 
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _write_back(dst: Tensor, fn) -> None:
@@ -158,11 +160,15 @@ def _modulated_rel_l1_impl(x: Tensor, scale: Optional[Tensor], shift: Optional[T
                       norm: str, eps: float, per_sample: bool) -> Tensor:
     x3 = _as_rows3(x)
     be = _backend(x)
+    scale, shift = _contig(scale), _contig(shift)
+    if prev.is_contiguous():  # the common case: no copy back
+        p3 = prev if prev.shape == x3.shape else prev.view(x3.shape)
+        return be.modulated_rel_l1_(x3, scale, shift, p3, norm, eps, per_sample)
     result = []
 
     def run(buf: Tensor) -> None:
-        result.append(be.modulated_rel_l1_(x3, _contig(scale), _contig(shift), buf.view(x3.shape),
-                                           norm, eps, per_sample))
+        result.append(be.modulated_rel_l1_(x3, scale, shift, buf.view(x3.shape), norm, eps,
+                                           per_sample))
 
     _write_back(prev, run)
     return result[0]

@@ -123,4 +123,10 @@ def get_backend(name: str) -> ModuleType:
     """The module implementing backend ``name`` (imported on first use)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    return importlib.import_module(f"teacache_fast.backends.{name}")
+    module = _MODULES.get(name)
+    if module is None:  # imported on first use (triton's import alone takes seconds)
+        module = _MODULES[name] = importlib.import_module(f"teacache_fast.backends.{name}")
+    return module
+
+
+_MODULES: dict = {}
