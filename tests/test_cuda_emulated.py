@@ -471,6 +471,20 @@ def test_modulated_rel_l1_strided_params_and_special_values(emu):
     torch.testing.assert_close(prev, ref_prev, atol=ATOL[torch.bfloat16] * 4, rtol=0, equal_nan=True)
 
 
+def test_empty_inputs_launch_nothing_and_give_zero_sums(emu):
+    before = emu.counters()[0]
+    for B, R, C in [(0, 2, 3), (2, 0, 3), (2, 3, 0)]:
+        x = torch.empty((B, R, C))
+        assert emu.modulate(x, None, None, "layer").numel() == 0
+        prev = torch.empty((B, R, C))
+        assert emu.modulated_rel_l1_(x, None, None, prev, "layer", True).tolist() == [[0.0, 0.0]] * B
+        assert emu.modulated_rel_l1_(x, None, None, prev, "layer", False).tolist() == [0.0, 0.0]
+    e = torch.empty(0)
+    emu.residual_capture_(e, e, e)
+    emu.residual_apply_(e.view(0, 4), e.view(0, 4), None)
+    assert emu.counters()[0] == before, "an empty op launched a kernel"
+
+
 # --------------------------------------------------------------------------- decide
 
 def _decide_case(emu, partials, state, coefficients, threshold, force, max_skips):
@@ -657,8 +671,9 @@ def _all_ops(emu, seed=42):
 
 def test_bitwise_deterministic_across_runs_and_schedules(emu):
     first = _all_ops(emu)
-    for threads, blocks in [(0, 0), (1, 0), (0, 1), (1, 1)]:
-        # threads of a block and blocks of a grid run in another order: same bits
+    for threads, blocks in [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1)]:
+        # threads of a block and blocks of a grid run in another order (or one warp runs
+        # ahead of the others from barrier to barrier): same bits
         emu.lib.tcf_emu_set_order(threads, blocks)
         again = _all_ops(emu)
         for k in first:
@@ -771,8 +786,10 @@ def test_everything_again_under_address_sanitizer():
     env = dict(os.environ, TCF_EMU_ASAN_CHILD="1", TCF_EMU_LIB=str(lib), LD_PRELOAD=runtime,
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+    # -v names each test before it runs; --capture=sys lets a sanitizer report (written to fd 2
+    # by a process about to exit) reach us instead of pytest's capture file.
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-x", "--capture=sys", "-p", "no:cacheprovider",
                            str(Path(__file__))], capture_output=True, text=True, env=env, cwd=ROOT)
-    tail = (proc.stdout[-6000:] + "\n" + proc.stderr[-12000:]).strip()
+    tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-12000:]).strip()
     assert proc.returncode == 0, f"under AddressSanitizer (rc {proc.returncode}):\n{tail}"
     assert " passed" in proc.stdout, tail

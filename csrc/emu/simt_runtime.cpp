@@ -13,8 +13,11 @@
 //   tcf_emu_set_device(device, sm_count)  current device of this host thread,
 //                                         and its SM count (fixed once read)
 //   tcf_emu_set_grid_limits(x, y, z)      the largest launchable grid
-//   tcf_emu_set_order(threads, blocks)    0 forward, 1 reverse: the order in
-//                                         which runnable threads / blocks run
+//   tcf_emu_set_order(threads, blocks)    the order in which runnable threads
+//                                         (0 forward, 1 reverse, 2 forward but
+//                                         one barrier opened at a time, so the
+//                                         first warp runs ahead of the others)
+//                                         and blocks (0 forward, 1 reverse) run
 //   tcf_emu_counters(out[4])              launches, blocks, threads, barriers
 //   tcf_emu_last_message()                the last launch failure, explained
 #include <sys/mman.h>
@@ -375,9 +378,10 @@ int source_lane(const Fiber &f, int lane) {
   }
 }
 
-// Opens every barrier whose threads have all arrived. Returns the number of
-// threads released; sets r.error (and returns 0) on a misuse.
-unsigned release(Run &r) {
+// Opens every barrier whose threads have all arrived (only the first one when
+// `one` is set). Returns the number of threads released; sets r.error (and
+// returns 0) on a misuse.
+unsigned release(Run &r, bool one) {
   unsigned released = 0;
   const unsigned n = r.nthreads;
   const unsigned nwarps = (n + 31) / 32;
@@ -440,6 +444,7 @@ unsigned release(Run &r) {
       handled |= m;
       released += static_cast<unsigned>(__builtin_popcount(m));
       g_counters[3].fetch_add(1, std::memory_order_relaxed);
+      if (one) return released;
     }
   }
   if (released) return released;
@@ -486,7 +491,8 @@ bool run_block(Run &r) {
         f.has_stack = false;
         f.fake_stack = nullptr;
       }
-  const bool reverse = g_thread_order.load(std::memory_order_relaxed) != 0;
+  const int order = g_thread_order.load(std::memory_order_relaxed);
+  const bool reverse = order == 1, one_at_a_time = order == 2;
   unsigned done = 0;
   for (;;) {
     for (unsigned k = 0; k < r.nthreads; ++k) {
@@ -501,7 +507,7 @@ bool run_block(Run &r) {
       }
     }
     if (done == r.nthreads) return true;
-    if (release(r) == 0) {
+    if (release(r, one_at_a_time) == 0) {
       if (r.error.empty()) r.error = "deadlock: " + describe(r);
       for (Fiber &f : r.fibers)
         if (f.has_stack) {
