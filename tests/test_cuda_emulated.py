@@ -26,7 +26,11 @@ import pytest
 import torch
 
 from op_oracles import ATOL, DTYPES, SUM_RTOL, modulate64, partials64
-from teacache_fast.backends import torch as ref
+
+try:  # the torch backend: the oracle of every backend (DESIGN.md calls it "reference")
+    from teacache_fast.backends import torch as ref
+except ImportError:
+    from teacache_fast.backends import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU_DIR = ROOT / "csrc" / "emu"
@@ -646,6 +650,21 @@ def test_residual_apply_batch_beyond_the_grid_y_limit(emu):
     blocks = emu.counters()[1] - before[1]
     assert blocks == 65535, blocks
     _assert_bits(hidden, want)
+
+
+def test_modulate_batch_beyond_the_grid_y_limit(emu):
+    # the row kernel's sweep over samples (b += gridDim.y), per-sample scale rows included;
+    # norm "none" has no block reduction, which keeps 65535 blocks cheap here
+    B = 65535 + 3
+    x = _rand((B, 1, 3), torch.float32, 42)
+    scale, shift = _params(B, 3, torch.float32, 43, "bc"), _params(B, 3, torch.float32, 44, "1c")
+    before = emu.counters()
+    m = emu.modulate(x, scale, shift, "none")
+    assert emu.counters()[1] - before[1] == 65535
+    # the torch backend's arithmetic for norm "none" (its per-sample loop is slow at this batch):
+    # (1 + scale), the product and the sum each rounded to fp32: the same bits
+    _assert_bits(m, x * (1.0 + scale)[:, None, :] + shift)
+    _assert_bits(m[-4:], ref.modulate(x[-4:], scale[-4:], shift, "none", EPS))
 
 
 def test_launch_beyond_the_devices_grid_limit_is_a_cuda_error(emu):
