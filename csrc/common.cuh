@@ -13,6 +13,13 @@
 
 #include "teacache_fast.h"
 
+// Every launch is written TCF_LAUNCH(kernel, grid, block, smem, stream)(args...)
+// (a template kernel in parentheses): the triple-chevron launch, unless the
+// build defines TCF_LAUNCH itself.
+#ifndef TCF_LAUNCH
+#define TCF_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+
 namespace tcf {
 
 // ---------------------------------------------------------------- dtype traits

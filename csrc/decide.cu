@@ -73,7 +73,8 @@ extern "C" tcf_status tcf_teacache_decide(const float *partials, float *state,
   // but tests "threshold <= 0" (never skip) on the double.
   const int64_t blocks = ceil_div(count, kThreads);
   const unsigned grid = static_cast<unsigned>(blocks < kMaxGridY ? blocks : kMaxGridY);
-  decide_kernel<<<grid, kThreads, 0, stream>>>(partials, state, poly, static_cast<float>(threshold),
-                                               threshold <= 0.0, force, max_skips, compute, count);
+  TCF_LAUNCH(decide_kernel, grid, kThreads, 0, stream)(
+      partials, state, poly, static_cast<float>(threshold), threshold <= 0.0, force, max_skips,
+      compute, count);
   return check_launch(op);
 }

@@ -132,7 +132,7 @@ template <bool INDICATOR, typename T, typename P>
 void launch_rows(const RowArgs &a, int64_t nblk, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(nblk), grid_y(a.batch));
   const int threads = row_threads(a.cols, vec_of<T>());
-  modulate_rows_kernel<T, P, INDICATOR><<<grid, threads, 0, stream>>>(
+  TCF_LAUNCH((modulate_rows_kernel<T, P, INDICATOR>), grid, threads, 0, stream)(
       static_cast<const typename T::storage *>(a.x),
       static_cast<const typename P::storage *>(a.scale), a.scale_stride,
       static_cast<const typename P::storage *>(a.shift), a.shift_stride,

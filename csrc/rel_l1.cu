@@ -70,7 +70,8 @@ int64_t rel_l1_blocks(int sms, int64_t batch, int64_t len, tcf_dtype dtype) {
 tcf_status finish_partials(const char *op, const float *workspace, float *partials,
                            int64_t outputs, int64_t per_output, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(outputs < kMaxGridY ? outputs : kMaxGridY);
-  finish_partials_kernel<<<grid, kThreads, 0, stream>>>(workspace, partials, outputs, per_output);
+  TCF_LAUNCH(finish_partials_kernel, grid, kThreads, 0, stream)(workspace, partials, outputs,
+                                                                per_output);
   return check_launch(op);
 }
 
@@ -129,7 +130,7 @@ extern "C" tcf_status tcf_rel_l1_partials(const void *cur, const void *prev, flo
                 workspace_floats, (long long)(batch * nblk * 2));
   const dim3 grid(static_cast<unsigned>(nblk), grid_y(batch));
   TCF_DISPATCH(dtype, T,
-               rel_l1_kernel<T><<<grid, kThreads, 0, stream>>>(
+               TCF_LAUNCH(rel_l1_kernel<T>, grid, kThreads, 0, stream)(
                    static_cast<const typename T::storage *>(cur),
                    static_cast<const typename T::storage *>(prev), workspace, batch, len));
   const tcf_status st = check_launch(op);

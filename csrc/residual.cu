@@ -89,7 +89,7 @@ extern "C" tcf_status tcf_residual_capture(const void *out, const void *inp, voi
   if (err != cudaSuccess) return cuda_fail(op, err);
   const unsigned grid = static_cast<unsigned>(elementwise_blocks(sms, 1, numel, dtype));
   TCF_DISPATCH(dtype, T, TCF_DISPATCH(residual_dtype, R,
-      capture_kernel<T, R><<<grid, kThreads, 0, stream>>>(
+      TCF_LAUNCH((capture_kernel<T, R>), grid, kThreads, 0, stream)(
           static_cast<const typename T::storage *>(out), static_cast<const typename T::storage *>(inp),
           static_cast<typename R::storage *>(residual), numel)));
   return check_launch(op);
@@ -113,7 +113,7 @@ extern "C" tcf_status tcf_residual_apply(void *hidden, const void *residual, con
   if (err != cudaSuccess) return cuda_fail(op, err);
   const dim3 grid(static_cast<unsigned>(elementwise_blocks(sms, batch, len, dtype)), grid_y(batch));
   TCF_DISPATCH(dtype, T, TCF_DISPATCH(residual_dtype, R,
-      apply_kernel<T, R><<<grid, kThreads, 0, stream>>>(
+      TCF_LAUNCH((apply_kernel<T, R>), grid, kThreads, 0, stream)(
           static_cast<typename T::storage *>(hidden), static_cast<const typename R::storage *>(residual),
           mask, batch, len)));
   return check_launch(op);

@@ -93,7 +93,7 @@ extern "C" tcf_status tcf_device_check(void) {
   if (err == cudaSuccess && count == 0) err = cudaErrorNoDevice;
   if (err != cudaSuccess) return tcf::cuda_fail("tcf_device_check", err);
   // An empty launch fails when this build has no kernel image for the GPU.
-  probe_kernel<<<1, 1>>>();
+  TCF_LAUNCH(probe_kernel, 1, 1, 0, 0)();
   err = cudaGetLastError();
   if (err == cudaSuccess) err = cudaStreamSynchronize(0);
   return err == cudaSuccess ? TCF_SUCCESS : tcf::cuda_fail("tcf_device_check", err);
