@@ -11,7 +11,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from .cache.stats import cache_bytes
 from .models.base import Adapter
 from .preset_json import load_preset_json, looks_like_preset_path
 from .wrapper import CachedModel
+from .wrapper.cached_model import DENOISERS, diffusers_cache_in_use
 
 __all__ = ["apply_teacache", "remove_teacache", "reset", "stats", "inspect", "is_cached",
            "teacache", "CacheView", "BranchView"]
@@ -28,15 +29,31 @@ __all__ = ["apply_teacache", "remove_teacache", "reset", "stats", "inspect", "is
 _ATTR = "_teacache_fast"
 
 
-def _resolve_target(module: Any):
-    """(model, scheduler): a diffusers pipeline gives its transformer and scheduler."""
+def _unwrap(module: Any) -> Any:
+    """The module itself for a torch.compile'd one (an OptimizedModule keeps it as _orig_mod)."""
+    inner = getattr(module, "_orig_mod", None)
+    if isinstance(module, nn.Module) and isinstance(inner, nn.Module):
+        return inner
+    return module
+
+
+def _targets(module: Any) -> List[Tuple[Optional[str], nn.Module, Any]]:
+    """(name, model, pipeline) for a model, or for every denoiser a pipeline holds."""
+    module = _unwrap(module)
     if isinstance(module, nn.Module):
-        return module, None
-    model = getattr(module, "transformer", None)
-    if isinstance(model, nn.Module):
-        return model, getattr(module, "scheduler", None)
-    raise TypeError(f"apply_teacache needs a torch.nn.Module or a pipeline with a .transformer, "
-                    f"got {type(module).__name__}")
+        return [(None, module, None)]
+    found = [(name, _unwrap(getattr(module, name, None))) for name in DENOISERS]
+    found = [(name, m, module) for name, m in found if isinstance(m, nn.Module)]
+    if not found:
+        raise TypeError(f"apply_teacache needs a torch.nn.Module or a pipeline with a .transformer, "
+                        f"got {type(module).__name__}")
+    return found
+
+
+def _resolve_target(module: Any):
+    """(model, pipeline) of a model or of a pipeline's first denoiser."""
+    _, model, pipeline = _targets(module)[0]
+    return model, pipeline
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -65,17 +82,25 @@ def _load_fitted(path: Any, model: nn.Module, has_threshold: bool) -> dict:
     return data
 
 
-def _cached(module: Any) -> CachedModel:
-    model, _ = _resolve_target(module)
-    w = model.__dict__.get(_ATTR)
-    if w is None:
+def _all_cached(module: Any) -> List[Tuple[Optional[str], CachedModel]]:
+    """Every attached cache of a model or pipeline; an error when there is none."""
+    found = [(name, m.__dict__[_ATTR]) for name, m, _ in _targets(module) if _ATTR in m.__dict__]
+    if not found:
+        model, _ = _resolve_target(module)
         raise ValueError(f"{type(model).__name__} has no TeaCache attached (call apply_teacache first)")
-    return w
+    return found
+
+
+def _per_denoiser(module: Any, fn):
+    """fn(cache) for one model; {denoiser name: fn(cache)} for a pipeline with several."""
+    found = _all_cached(module)
+    if len(found) == 1:
+        return fn(found[0][1])
+    return {name: fn(c) for name, c in found}
 
 
 def is_cached(module: Any) -> bool:
-    model, _ = _resolve_target(module)
-    return _ATTR in model.__dict__
+    return any(_ATTR in m.__dict__ for _, m, _ in _targets(module))
 
 
 def _build_config(model: nn.Module, adapter: Adapter, config: Optional[TeaCacheConfig],
@@ -118,11 +143,30 @@ def apply_teacache(module: Any, config: Optional[TeaCacheConfig] = None, *,
     teacache_fast.distributed; NCCL groups for CUDA activations, gloo for
     CPU). None: no communication. Returns the transformer.
     """
+    targets = _targets(module)
+    done: List[nn.Module] = []
+    try:
+        for _, model, pipeline in targets:
+            _apply_one(model, pipeline, config, threshold, preset, variant, adapter, process_group,
+                       overrides)
+            done.append(model)
+    except Exception:
+        for model in done:
+            remove_teacache(model)
+        raise
+    return targets[0][1]
+
+
+def _apply_one(model: nn.Module, pipeline: Any, config, threshold, preset, variant, adapter,
+               process_group, overrides) -> None:
     from .models import adapter_for
-    model, scheduler = _resolve_target(module)
     if _ATTR in model.__dict__:
         raise RuntimeError(f"TeaCache is already attached to this {type(model).__name__}; "
                            "call remove_teacache first")
+    other = diffusers_cache_in_use(model)
+    if other is not None:
+        raise ValueError(f"diffusers' {other} is enabled on this {type(model).__name__}: two caches "
+                         "cannot run together; call model.disable_cache() before apply_teacache")
     fitted = None  # a calibrated JSON preset: its coefficients, the model's own adapter
     if looks_like_preset_path(preset):
         fitted = _load_fitted(preset, model, threshold is not None or config is not None)
@@ -132,13 +176,13 @@ def apply_teacache(module: Any, config: Optional[TeaCacheConfig] = None, *,
     elif preset is not None or variant is not None:
         raise ValueError("pass either adapter= or preset=/variant=, not both")
     cfg = _build_config(model, adapter, config, threshold, fitted, overrides)
-    if cfg.num_steps is None and scheduler is None:
+    if cfg.num_steps is None and pipeline is None:
         raise ValueError("num_steps is required (transformer calls per branch in one generation), "
                          "unless apply_teacache is given the pipeline")
     if process_group is not None:
         from .distributed import check_process_group
         check_process_group(process_group, _model_device(model))
-    cached = CachedModel(model, adapter, cfg, scheduler=scheduler, process_group=process_group)
+    cached = CachedModel(model, adapter, cfg, pipeline=pipeline, process_group=process_group)
     model.__dict__[_ATTR] = cached
     try:
         cached.install()
@@ -146,30 +190,32 @@ def apply_teacache(module: Any, config: Optional[TeaCacheConfig] = None, *,
         cached.uninstall()
         del model.__dict__[_ATTR]
         raise
-    return model
 
 
 def remove_teacache(module: Any) -> nn.Module:
-    """Restore the original forwards and free every cached tensor."""
-    cached = _cached(module)
-    cached.uninstall()
-    del cached.model.__dict__[_ATTR]
-    return cached.model
+    """Restore the original forwards and free every cached tensor (of every
+    denoiser, for a pipeline). Returns the (first) transformer."""
+    for _, cached in _all_cached(module):
+        cached.uninstall()
+        del cached.model.__dict__[_ATTR]
+    return _resolve_target(module)[0]
 
 
 def reset(module: Any) -> None:
     """Forget the cached state (as at the start of a new generation)."""
-    _cached(module).restart()
+    for _, cached in _all_cached(module):
+        cached.restart()
 
 
 def stats(module: Any) -> Dict[str, Any]:
     """Calls, steps computed / skipped per branch and per sample, indicator trace
-    (the schema: teacache_fast.cache.stats).
+    (the schema: teacache_fast.cache.stats); for a pipeline with several
+    denoisers, ``{name: stats}``.
 
     ``rel_l1`` is the relative L1 distance of every call (NaN or inf on a
     branch's first call).
     """
-    return _cached(module).stats()
+    return _per_denoiser(module, CachedModel.stats)
 
 
 @dataclass(frozen=True)
@@ -196,9 +242,13 @@ class CacheView:
 
 def inspect(module: Any) -> CacheView:
     """A read-only view of the cache attached to ``module`` (a model or a
-    pipeline): its settings, mode, clock facts and per-branch buffers. Meant
-    for debugging and tests; the tensors are the live buffers."""
-    cached = _cached(module)
+    pipeline; ``{name: view}`` for a pipeline with several denoisers): its
+    settings, mode, clock facts and per-branch buffers. Meant for debugging
+    and tests; the tensors are the live buffers."""
+    return _per_denoiser(module, _view)
+
+
+def _view(cached: CachedModel) -> CacheView:
     runner = cached.runner
     if cached.config.sync_free:
         branches = {i: BranchView(br.prev, br.residual,

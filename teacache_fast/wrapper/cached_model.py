@@ -1,16 +1,22 @@
 """CachedModel: attaches one runner to a model and routes its events.
 
-One install for both modes: the model's ``forward`` and the ``forward`` of
-every block of the adapter's stack (plus the tail and end modules, capture
-hooks, and a watched scheduler's ``set_timesteps`` / ``step``) are overridden
-(teacache_fast.wrapper.patches), and each override hands its event to the
-runner: :class:`~teacache_fast.wrapper.host.HostRunner` (the decision read on
-the host once per call) or :class:`~teacache_fast.wrapper.device.DeviceRunner`
+One install for both modes: the forward of the model and of every block of
+the adapter's stack (plus the tail and end modules, capture hooks, and a
+watched scheduler's ``set_timesteps`` / ``step``) are overridden
+(teacache_fast.wrapper.patches: diffusers' HookRegistry for a diffusers
+model, instance attributes otherwise), and each override hands its event to
+the runner: :class:`~teacache_fast.wrapper.host.HostRunner` (the decision read
+on the host once per call) or :class:`~teacache_fast.wrapper.device.DeviceRunner`
 (``sync_free=True``: the decision stays on the device).
+
+The pipeline is followed, not remembered: each call reads the scheduler of
+the pipeline that makes it (``pipe.scheduler = ...`` and ``Pipe.from_pipe``
+just work), and diffusers' ``cache_context`` reaches the runner with the call.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+import sys
+from typing import Any, Callable, Dict, List, Optional
 
 from torch import Tensor, nn
 
@@ -19,27 +25,48 @@ from ..cache.stats import cache_bytes
 from ..models.base import Adapter
 from .device import DeviceRunner
 from .host import HostRunner
-from .patches import Patches
+from .patches import Patches, _NotCopyable, uses_diffusers_hooks
 
-__all__ = ["CachedModel"]
+__all__ = ["CachedModel", "DENOISERS", "diffusers_cache_in_use"]
+
+# attributes of a pipeline that hold a denoiser (Wan2.2: two experts)
+DENOISERS = ("transformer", "transformer_2", "transformer_3")
 
 
-class CachedModel:
+def diffusers_cache_in_use(model: nn.Module) -> Optional[str]:
+    """The diffusers cache enabled on (or hooked into) ``model``, or None."""
+    config = getattr(model, "_cache_config", None)
+    if config is not None:
+        return type(config).__name__
+    for module in model.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        for hook in (registry.hooks.values() if registry is not None else ()):
+            origin = type(hook).__module__
+            if origin.startswith("diffusers.hooks.") and any(
+                    k in origin for k in ("cache", "pyramid_attention_broadcast")):
+                return type(hook).__name__
+    return None
+
+
+class CachedModel(_NotCopyable):
     """Everything TeaCache attached to one model."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: TeaCacheConfig,
-                 scheduler: Any = None, process_group: Any = None):
+                 pipeline: Any = None, process_group: Any = None):
         blocks = list(adapter.blocks(model))
         if not blocks:
             raise ValueError(f"adapter {adapter.name!r} found no blocks in {type(model).__name__}")
         self.model, self.adapter, self.config = model, adapter, config
         self.blocks = blocks
-        self.scheduler = scheduler
+        self.pipeline = pipeline
+        self.scheduler = getattr(pipeline, "scheduler", None)
         self.process_group = process_group
+        self.diffusers = uses_diffusers_hooks(model)
         runner_type = DeviceRunner if config.sync_free else HostRunner
-        self.runner = runner_type(model, adapter, config, scheduler=scheduler,
+        self.runner = runner_type(model, adapter, config, scheduler=self.scheduler,
                                   process_group=process_group)
         self.patches = Patches()
+        self.scheduler_patches = Patches()
 
     @property
     def mode(self) -> str:
@@ -48,37 +75,74 @@ class CachedModel:
     # ------------------------------------------------------------ install
 
     def install(self) -> None:
-        a, m, r, p = self.adapter, self.model, self.runner, self.patches
-        p.override(m, "forward", self._model_forward(m.forward))
+        a, m, r, p, d = self.adapter, self.model, self.runner, self.patches, self.diffusers
+        p.wrap_forward(m, self._model_event, diffusers=d, on_reset=r.generation_ended if d else None)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            p.override(block, "forward", _block_event(r, i, i == last and a.end is None, block.forward))
+            p.wrap_forward(block, _block_event(r, i, i == last and a.end is None), diffusers=d)
         for module in (a.tail(m) if a.tail is not None else ()):
-            p.override(module, "forward", _tail_event(r, module.forward))
+            p.wrap_forward(module, r.tail, diffusers=d)
         if a.end is not None:
-            end = a.end(m)
-            p.override(end, "forward", _end_event(r, end.forward))
+            p.wrap_forward(a.end(m), r.end, diffusers=d)
         for name, get in a.capture.items():
             p.add_handle(get(m).register_forward_hook(_capture_event(r, name)))
-        sched = self.scheduler
-        if sched is not None and hasattr(sched, "set_timesteps"):
-            p.override(sched, "set_timesteps", _after(sched.set_timesteps, r.set_timesteps_done))
-        if sched is not None and callable(getattr(sched, "step", None)) and not self.config.sync_free:
-            p.override(sched, "step", _after(sched.step, r.scheduler_step_done))
+        self._watch(self.scheduler)
+
+    def _watch(self, scheduler: Any) -> None:
+        self.scheduler_patches.restore()
+        self.scheduler = scheduler
+        r = self.runner
+        if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+            self.scheduler_patches.override(scheduler, "set_timesteps", _after(r.set_timesteps_done))
+        if scheduler is not None and callable(getattr(scheduler, "step", None)) \
+                and not self.config.sync_free:
+            self.scheduler_patches.override(scheduler, "step", _after(r.scheduler_step_done))
 
     def uninstall(self) -> None:
+        self.scheduler_patches.restore()
         self.patches.restore()
         self.runner.close()
 
-    def _model_forward(self, forward: Callable) -> Callable:
-        runner, config = self.runner, self.config
+    # ------------------------------------------------------------ the model's call
 
-        def model_forward(*args, **kwargs):
-            if config.backend:
-                with config.backend_scope():
-                    return runner.model_call(forward, args, kwargs)
-            return runner.model_call(forward, args, kwargs)
-        return model_forward
+    def _model_event(self, forward: Callable, args: tuple, kwargs: dict):
+        if self.diffusers:
+            conflict = getattr(self.model, "_cache_config", None)
+            if conflict is not None:
+                raise RuntimeError(
+                    f"diffusers' {type(conflict).__name__} was enabled on this "
+                    f"{type(self.model).__name__} after TeaCache: two caches cannot run together. "
+                    "Call model.disable_cache() or teacache_fast.remove_teacache(model)")
+        if self.pipeline is not None:
+            self._follow_scheduler()
+        context = self.patches.context()
+        if self.config.backend:
+            with self.config.backend_scope():
+                return self.runner.model_call(forward, args, kwargs, context)
+        return self.runner.model_call(forward, args, kwargs, context)
+
+    def _follow_scheduler(self) -> None:
+        """Watch the scheduler of the pipeline making this call (it may have
+        been swapped, or the call comes from a ``from_pipe`` copy)."""
+        pipe = self._calling_pipeline()
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is not None and scheduler is not self.scheduler:
+            self._watch(scheduler)
+            self.runner.watch_scheduler(scheduler)
+
+    def _calling_pipeline(self) -> Any:
+        # the nearest pipeline __call__ frame that holds this model (reading a
+        # frame's locals costs well under a microsecond)
+        frame = sys._getframe(2)
+        for _ in range(16):
+            if frame is None:
+                break
+            if frame.f_code.co_name == "__call__":
+                owner = frame.f_locals.get("self")
+                if owner is not None and any(getattr(owner, n, None) is self.model for n in DENOISERS):
+                    return owner
+            frame = frame.f_back
+        return self.pipeline
 
     # ------------------------------------------------------------ inspection
 
@@ -96,25 +160,13 @@ class CachedModel:
         return self.runner.tensors()
 
 
-# Each event closes over the runner and the original method only: a call
-# costs one Python frame on top of the runner's own work.
+# Each event closes over the runner and its place only: a call costs one
+# Python frame on top of the runner's own work.
 
-def _block_event(runner, index: int, ends_span: bool, original: Callable) -> Callable:
-    def forward(*args, **kwargs):
+def _block_event(runner, index: int, ends_span: bool) -> Callable:
+    def block(original, args, kwargs):
         return runner.block(index, ends_span, original, args, kwargs)
-    return forward
-
-
-def _tail_event(runner, original: Callable) -> Callable:
-    def forward(*args, **kwargs):
-        return runner.tail(original, args, kwargs)
-    return forward
-
-
-def _end_event(runner, original: Callable) -> Callable:
-    def forward(x, *args, **kwargs):
-        return runner.end(original, x, args, kwargs)
-    return forward
+    return block
 
 
 def _capture_event(runner, name: str) -> Callable:
@@ -123,10 +175,9 @@ def _capture_event(runner, name: str) -> Callable:
     return hook
 
 
-def _after(original: Callable, then: Callable[[], None]) -> Callable:
-    def method(*args, **kwargs):
+def _after(then: Callable[[], None]) -> Callable:
+    def method(original, args, kwargs):
         out = original(*args, **kwargs)
         then()
         return out
     return method
-

@@ -19,6 +19,7 @@ from ..cache.stats import summary
 from ..models.base import Adapter, BlockCall
 from ._compat import warm_processor_signatures
 from .cond import run_or_pass
+from .host import _with_first_argument
 from .indicator import indicator_of
 
 __all__ = ["DeviceRunner"]
@@ -44,6 +45,7 @@ class DeviceRunner:
         self.num_steps: Optional[int] = None
         self.generations = 0
         self.call: Optional[SyncFreeBranch] = None
+        self.pending_restart = False
         # modules whose forward calls inspect.signature(self.processor.__call__)
         # (diffusers attention): see _compat.warm_processor_signatures
         self.processors = [mod for b in adapter.blocks(model) for mod in b.modules()
@@ -61,7 +63,10 @@ class DeviceRunner:
 
     # ------------------------------------------------------------ events
 
-    def model_call(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+    def model_call(self, forward: Callable, args: tuple, kwargs: dict, context: Any = None) -> Any:
+        if self.pending_restart:
+            self.pending_restart = False
+            self.restart()
         if not self.branches:
             raise RuntimeError("TeaCache sync_free=True needs num_steps: pass apply_teacache(..., "
                                "num_steps=N) or apply it to a pipeline and call its scheduler's "
@@ -97,12 +102,13 @@ class DeviceRunner:
         first = args[0] if args else next(iter(kwargs.values()))
         return run_or_pass(br.compute, original, lambda *a, **k: first, *args, **kwargs)
 
-    def end(self, original: Callable, x: Tensor, args: tuple, kwargs: dict):
+    def end(self, original: Callable, args: tuple, kwargs: dict):
         br = self.call
         if br is not None:
             # a copy: x may be a tensor the model still holds
-            x = finish_span_(br.compute, x.clone(), br.stream_in, br.residual)
-        return original(x, *args, **kwargs)
+            args, kwargs = _with_first_argument(
+                args, kwargs, lambda x: finish_span_(br.compute, x.clone(), br.stream_in, br.residual))
+        return original(*args, **kwargs)
 
     def captured(self, name: str, output: Any) -> None:
         if self.call is not None:
@@ -118,6 +124,13 @@ class DeviceRunner:
 
     def scheduler_step_done(self) -> None:
         pass  # the device schedule counts calls
+
+    def generation_ended(self) -> None:
+        self.pending_restart = True  # at the next call: the stats stay readable until then
+
+    def watch_scheduler(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.set_timesteps_done()
 
     def restart(self) -> None:
         for br in self.branches:

@@ -37,11 +37,12 @@ class HostCall:
     """One transformer call: its arguments; its branch, step and mode once the
     first block ran the host region."""
 
-    __slots__ = ("args", "kwargs", "branch", "state", "step", "mode", "captured", "stream_in",
-                 "partials", "flags", "compute_idx", "batch", "skip_out0", "_idx")
+    __slots__ = ("args", "kwargs", "context", "branch", "state", "step", "mode", "captured",
+                 "stream_in", "partials", "flags", "compute_idx", "batch", "skip_out0", "_idx")
 
-    def __init__(self, args: tuple, kwargs: dict):
+    def __init__(self, args: tuple, kwargs: dict, context: Any = None):
         self.args, self.kwargs = args, kwargs
+        self.context = context          # what the pipeline said of this call (cache_context)
         self.branch = 0
         self.state: Optional[BranchState] = None
         self.step = 0
@@ -78,10 +79,10 @@ class HostRunner:
 
     # ------------------------------------------------------------ events
 
-    def model_call(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+    def model_call(self, forward: Callable, args: tuple, kwargs: dict, context: Any = None) -> Any:
         # branch and step are placed at the first block, in the host region:
         # here, under torch.compile, they would be guarded on (a graph per step)
-        self.call = HostCall(args, kwargs)
+        self.call = HostCall(args, kwargs, context)
         try:
             return forward(*args, **kwargs)
         finally:
@@ -116,11 +117,12 @@ class HostRunner:
             return args[0] if args else next(iter(kwargs.values()))
         return original(*args, **kwargs)
 
-    def end(self, original: Callable, x: Tensor, args: tuple, kwargs: dict):
+    def end(self, original: Callable, args: tuple, kwargs: dict):
         call = self.call
         if call is not None and call.mode is not None:
-            x = self._finish_stream(call, x)
-        return original(x, *args, **kwargs)
+            args, kwargs = _with_first_argument(args, kwargs,
+                                                lambda x: self._finish_stream(call, x))
+        return original(*args, **kwargs)
 
     def captured(self, name: str, output: Any) -> None:
         if self.call is not None:
@@ -131,6 +133,19 @@ class HostRunner:
 
     def scheduler_step_done(self) -> None:
         self.state.clock.step_done()
+
+    def generation_ended(self) -> None:
+        """The pipeline finished a call (diffusers resets stateful hooks): the
+        next call starts a new generation; the stats stay readable until then."""
+        self.state.clock.set_timesteps_done()
+
+    def watch_scheduler(self, scheduler: Any) -> None:
+        """Calls now come from a pipeline with another scheduler, already set
+        up for its generation."""
+        clock = self.state.clock
+        clock.scheduler = scheduler
+        clock.stepped = callable(getattr(scheduler, "step", None))
+        clock.set_timesteps_done()
 
     def restart(self) -> None:
         self.state.restart()
@@ -240,6 +255,14 @@ class HostRunner:
 
     def tensors(self) -> List[Tensor]:
         return list(self.state.tensors())
+
+
+def _with_first_argument(args: tuple, kwargs: dict, fn: Callable[[Any], Any]):
+    """(args, kwargs) with the first argument (positional or keyword) replaced by fn(it)."""
+    if args:
+        return (fn(args[0]),) + tuple(args[1:]), kwargs
+    name = next(iter(kwargs))
+    return args, dict(kwargs, **{name: fn(kwargs[name])})
 
 
 def _bind(sig, args: tuple, kwargs: dict) -> Dict[str, Any]:
