@@ -116,6 +116,8 @@ def _build_config(model: nn.Module, adapter: Adapter, config: Optional[TeaCacheC
         cfg = cfg.replace(branches=1)  # sync-free calls go round robin: no timestep read
     if cfg.coefficients is None:
         cfg = cfg.replace(coefficients=fitted["coefficients"] if fitted else adapter.coefficients)
+        if fitted and fitted.get("fitted_range") and cfg.fitted_range is None:
+            cfg = cfg.replace(fitted_range=tuple(fitted["fitted_range"]))
     return cfg.validate()
 
 

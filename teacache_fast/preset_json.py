@@ -91,6 +91,13 @@ def validate_preset(data: Any, path="<dict>") -> dict:
             and all(isinstance(s, int) and not isinstance(s, bool) for s in step_range)
             and 0 <= step_range[0] < step_range[1]):
         raise _fail(path, f"'step_range' must be [start, end) with 0 <= start < end, got {step_range!r}")
+    fitted = data.get("fitted_range")
+    if fitted is not None:
+        if not (isinstance(fitted, list) and len(fitted) == 2 and all(_finite(v) for v in fitted)
+                and fitted[0] <= fitted[1]):
+            raise _fail(path, f"'fitted_range' must be [low, high] finite numbers with low <= high "
+                              f"(the indicator range of the fit), got {fitted!r}")
+        out["fitted_range"] = [float(v) for v in fitted]
     for key in ("num_pairs", "num_steps", "num_runs"):
         v = data.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,6 +39,9 @@ class TeaCacheConfig:
     backend: force an ops backend ("torch", "triton", "cuda"); None: automatic.
     observer: called after every computed step as
         observer(branch, step, partials, stream_in, stream_out) (calibration).
+    fitted_range: (low, high) of the indicator the coefficients were fitted on
+        (a calibrated preset file carries it); the wrapper warns once per
+        generation when the indicator leaves it.
     sync_free: keep the decision on the device and skip with torch.cond (no
         host read, no graph break: the wrapped model compiles with
         torch.compile(fullgraph=True) and can be captured in a CUDA graph).
@@ -59,6 +62,7 @@ class TeaCacheConfig:
     backend: Optional[str] = None
     observer: Optional[Callable[..., None]] = None
     sync_free: bool = False
+    fitted_range: Optional[Tuple[float, float]] = None
 
     def replace(self, **changes) -> "TeaCacheConfig":
         known = {f.name for f in fields(self)}
@@ -97,6 +101,14 @@ class TeaCacheConfig:
             raise ValueError(f"backend must be None or one of {ops.BACKENDS}, got {self.backend!r}")
         if self.observer is not None and not callable(self.observer):
             raise TypeError("observer must be callable or None")
+        if self.fitted_range is not None:
+            low, high = (tuple(self.fitted_range) + (None, None))[:2]
+            if len(tuple(self.fitted_range)) != 2 or not all(
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (low, high)) \
+                    or not low <= high:
+                raise ValueError(f"fitted_range must be (low, high) numbers with low <= high, "
+                                 f"got {self.fitted_range!r}")
+            self.fitted_range = (float(low), float(high))
         if not isinstance(self.sync_free, bool):
             raise TypeError(f"sync_free must be a bool, got {type(self.sync_free).__name__}")
         if self.sync_free:

@@ -14,7 +14,7 @@ import ctypes
 import math
 from typing import List, Optional, Sequence
 
-__all__ = ["HostDecision", "f32"]
+__all__ = ["HostDecision", "f32", "estimate"]
 
 
 def f32(v: float) -> float:
@@ -27,14 +27,28 @@ def f32(v: float) -> float:
     return ctypes.c_float(v).value
 
 
+def estimate(coefficients: Sequence[float], rel: float) -> float:
+    """poly(rel) as the decision evaluates it (fp32 Horner)."""
+    poly = 0.0
+    for c in coefficients:
+        poly = f32(f32(poly * rel) + f32(c))
+    return poly
+
+
 class HostDecision:
     """``[acc, consecutive_skips]`` of S independent states, fp32 values on the host."""
 
-    __slots__ = ("acc", "skips", "_coeffs", "_coeffs32")
+    __slots__ = ("acc", "skips", "_coeffs", "_coeffs32", "negative_calls", "decreased", "rel")
 
     def __init__(self, size: int):
         self.acc: List[float] = [0.0] * size
         self.skips: List[float] = [0.0] * size
+        # the polynomial's sign where the indicator lands (a published set is
+        # often negative somewhere in [0, 0.5]; a negative estimate shrinks
+        # the accumulator, and every later step may skip)
+        self.negative_calls = 0        # calls with poly(rel) < 0 for some state
+        self.decreased = False         # the last call made some accumulator smaller
+        self.rel: List[float] = []     # the last call's relative L1 per state (NaN: none)
         self._coeffs: Optional[Sequence[float]] = None
         self._coeffs32: List[float] = []
 
@@ -51,7 +65,7 @@ class HostDecision:
         thr = f32(threshold)
         never_skip = threshold <= 0.0
         isfinite = math.isfinite
-        flags = []
+        flags, rels, negative, decreased = [], [], False, False
         for i, (num, den) in enumerate(partials):
             valid = isfinite(num) and isfinite(den) and den != 0
             rel = f32(num / den) if valid else 0.0
@@ -61,13 +75,18 @@ class HostDecision:
             for c in coeffs:
                 poly = f32(f32(poly * rel) + c)
             acc = f32(self.acc[i] + poly)
+            rels.append(rel if valid else math.nan)
+            negative = negative or (valid and poly < 0)
             compute = (force or never_skip or not valid or not isfinite(acc) or acc >= thr
                        or (max_skips is not None and self.skips[i] >= max_skips))
             if compute:
                 self.acc[i], self.skips[i] = 0.0, 0.0
             else:
+                decreased = decreased or poly < 0
                 self.acc[i], self.skips[i] = acc, self.skips[i] + 1.0
             flags.append(compute)
+        self.negative_calls += int(negative)
+        self.decreased, self.rel = decreased, rels
         return flags
 
     def as_rows(self) -> List[List[float]]:

@@ -18,6 +18,7 @@ dtype, as ``residual_capture_`` does.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from .. import ops
 from .state import indicator_partials_, reduce_partials_
+from .decision import estimate
 from .stats import branch_entry
 
 __all__ = ["DeviceSchedule", "SyncFreeBranch", "decide", "decide_with_partials", "finish_span_"]
@@ -169,7 +171,7 @@ class SyncFreeBranch:
         if self.prev is not None:
             self.prev.zero_()
 
-    def stats(self) -> dict:
+    def stats(self, coefficients=()) -> dict:
         """This generation's steps so far in the stats schema, plus ``calls``
         and ``wraps``: the one host read of the traces."""
         calls = int(self.schedule.calls)
@@ -178,10 +180,12 @@ class SyncFreeBranch:
         p = self.partials[:n].cpu()
         computed = sum(steps)
         batch = self.residual.shape[0] if self.residual is not None else 0
+        rel = (p[:, 0] / p[:, 1]).tolist()
+        negative = sum(1 for r in rel if math.isfinite(r) and estimate(coefficients, r) < 0)
         entry = branch_entry(computed=computed, skipped=n - computed, steps=steps,
                              sample_computed=[computed] * batch,
                              sample_skipped=[n - computed] * batch,
-                             rel_l1=(p[:, 0] / p[:, 1]).tolist())
+                             rel_l1=rel, negative_estimates=negative)
         return dict(entry, calls=calls, wraps=max(0, calls - 1) // self.schedule.num_steps)
 
     def tensors(self):

@@ -4,13 +4,14 @@
 
     {"calls", "num_steps", "generations", "computed", "skipped",
      "branches": {index: {"computed", "skipped", "steps", "sample_computed",
-                          "sample_skipped", "rel_l1"}},
+                          "sample_skipped", "rel_l1", "negative_estimates"}},
      "threshold", "preset", "variant", "mode", "cache_bytes"}
 
 ``rel_l1`` has one entry per step up to the last one called: the relative L1
 distance of that call's indicator (NaN for a step the branch was not called
 at, NaN or inf on a branch's first call); a list per step when each sample
-decides alone.
+decides alone. ``negative_estimates`` counts the calls whose polynomial was
+negative at the indicator (the accumulator shrinks there).
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ __all__ = ["branch_entry", "summary", "rel_l1_from_rows", "cache_bytes"]
 
 def branch_entry(*, computed: int, skipped: int, steps: Sequence[bool],
                  sample_computed: Sequence[int], sample_skipped: Sequence[int],
-                 rel_l1: List[Any]) -> Dict[str, Any]:
+                 rel_l1: List[Any], negative_estimates: int) -> Dict[str, Any]:
     return {"computed": int(computed), "skipped": int(skipped), "steps": list(steps),
             "sample_computed": list(sample_computed), "sample_skipped": list(sample_skipped),
-            "rel_l1": rel_l1}
+            "rel_l1": rel_l1, "negative_estimates": int(negative_estimates)}
 
 
 def summary(branches: Dict[int, Dict[str, Any]], *, calls: int, num_steps: Optional[int],

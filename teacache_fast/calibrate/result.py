@@ -39,6 +39,16 @@ class CalibrationResult:
     def pairs(self):
         return pairs(self.recording, self.step_range)
 
+    def fitted_range(self) -> List[float]:
+        """[low, high] of the indicator values the fit saw; the wrapper warns outside it."""
+        x, _, _ = self.pairs()
+        return [float(np.min(x)), float(np.max(x))]
+
+    def negative_in_range(self) -> bool:
+        """Whether the fitted polynomial goes below 0 inside the fitted range."""
+        low, high = self.fitted_range()
+        return bool(np.min(self.fit(np.linspace(low, high, 257))) < 0)
+
     def predict(self, threshold: float) -> np.ndarray:
         """Compute flags (runs, branches, steps) replayed at ``threshold``."""
         return replay_decisions(self.recording, self.coefficients, threshold, forced=self.forced,
@@ -78,6 +88,8 @@ class CalibrationResult:
             "degree": self.fit.degree,
             "num_pairs": self.fit.num_pairs,
             "r2": self.fit.r2,
+            "fitted_range": self.fitted_range(),
+            "negative_in_range": self.negative_in_range(),
             "step_range": list(self.step_range),
             "num_steps": self.recording.num_steps,
             "num_runs": self.recording.num_runs,

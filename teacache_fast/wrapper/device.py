@@ -165,7 +165,7 @@ class DeviceRunner:
         """The device counters and traces, read now."""
         branches, calls, wraps = {}, 0, 0
         for index, br in enumerate(self.branches):
-            b = br.stats()
+            b = br.stats(self.config.coefficients)
             calls += b.pop("calls")
             wraps = max(wraps, b.pop("wraps"))
             if b["steps"]:

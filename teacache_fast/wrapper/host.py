@@ -15,6 +15,7 @@ adapters whose code between blocks mixes the batch).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -76,6 +77,7 @@ class HostRunner:
         self._host_decide = host_only(self._host_decide)
         self._observe = host_only(self._observe)
         self._fast_skip = adapter.passthrough is None   # a skipped block returns its stream
+        self._warned: Dict[str, int] = {}               # warning kind -> generation it was given in
 
     # ------------------------------------------------------------ events
 
@@ -185,6 +187,7 @@ class HostRunner:
         rows = partials.reshape(-1, 2).tolist()   # the one host read of this call
         forced = cfg.forced(tick.step, tick.num_steps, self.adapter.forced)
         flags = bs.decide(tick.step, rows, cfg, force=forced or bs.must_compute(stream))
+        self._check_estimate(bs, tick.step)
         if len(flags) == 1:
             flags = flags * stream.shape[0]   # one decision for the whole batch
         bs.record(flags)
@@ -200,6 +203,33 @@ class HostRunner:
             call.index(stream.device)  # built here, not in the graph
             if call.mode == SUBSET:
                 call.skip_out0 = self.adapter.skip_output(first)
+
+    def _check_estimate(self, bs: BranchState, step: int) -> None:
+        """Warn (once per generation and kind) when the polynomial does not fit
+        where the indicator lands: a negative estimate shrinks the accumulator
+        (and can make every later step skip), and a calibrated polynomial is
+        only known inside its fitted range. The decision itself keeps the
+        reference behaviour."""
+        d, cfg, gen = bs.decision, self.config, self.state.generations
+        if d.decreased and self._warned.get("negative") != gen:
+            self._warned["negative"] = gen
+            rel = next((r for r in d.rel if r == r), float("nan"))
+            warnings.warn(
+                f"TeaCache ({self.adapter.name}): the rescaling polynomial is negative at the "
+                f"indicator {rel:.4g} (step {step}), so the accumulated estimate decreased: the "
+                "indicator is outside this polynomial's fitted range and the preset may not fit "
+                "this checkpoint. Calibrate it (teacache-fast calibrate), or set "
+                "max_consecutive_skips=N to bound the skips", RuntimeWarning, stacklevel=2)
+        rng = cfg.fitted_range
+        if rng is not None and self._warned.get("range") != gen:
+            outside = [r for r in d.rel if r == r and not rng[0] <= r <= rng[1]]
+            if outside:
+                self._warned["range"] = gen
+                warnings.warn(
+                    f"TeaCache ({self.adapter.name}): the indicator {outside[0]:.4g} (step {step}) "
+                    f"is outside the range the coefficients were fitted on [{rng[0]:.4g}, "
+                    f"{rng[1]:.4g}]; the estimate there is an extrapolation", RuntimeWarning,
+                    stacklevel=2)
 
     def _place(self, call: HostCall):
         """The call's branch and step on the clock (may start a generation)."""
@@ -248,7 +278,8 @@ class HostRunner:
         branches = {i: branch_entry(computed=b.computed, skipped=b.skipped, steps=b.steps,
                                     sample_computed=b.sample_computed or [],
                                     sample_skipped=b.sample_skipped or [],
-                                    rel_l1=rel_l1_from_rows(b.partials))
+                                    rel_l1=rel_l1_from_rows(b.partials),
+                                    negative_estimates=b.decision.negative_calls if b.decision else 0)
                     for i, b in st.branches.items()}
         return summary(branches, calls=st.calls, num_steps=st.num_steps,
                        generations=st.generations)
