@@ -171,10 +171,14 @@ def measure_host_cost(steps: int = 28, passes: int = 10, device="cpu", dtype=tor
 
     spec = flux_model.SPECS["smoke"]
     model, inputs = flux_model.build(spec, seed=seed, device=device, dtype=dtype)
+    deep, deep_inputs = flux_model.build(flux_model.SPECS["smoke-deep"], seed=seed, device=device,
+                                         dtype=dtype)
     sigmas = flux_sigmas(steps, image_seq_len=inputs.latents.shape[1])
     coefficients = flux_model.flux_preset()[1]
     n_blocks = len(_blocks(model))
     configs = [("plain", ""), ("floor", "")] + [(m, s) for m in methods for s in ("compute", "skip")]
+    deep_configs = [(m, "skip") for m in methods]
+    extra_blocks = len(_blocks(deep)) - n_blocks
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -182,11 +186,17 @@ def measure_host_cost(steps: int = 28, passes: int = 10, device="cpu", dtype=tor
         flags, texts = {}, {}
         for config in configs:
             flags[config], texts[config] = _run_config(config, model, inputs, sigmas, coefficients, probe=True)
+        deep_flags = {c: _run_config(c, deep, deep_inputs, sigmas, coefficients, probe=True)[0]
+                      for c in deep_configs}
         samples: Dict[Tuple[str, str], List[List[float]]] = {c: [] for c in configs}
+        deep_samples: Dict[Tuple[str, str], List[List[float]]] = {c: [] for c in deep_configs}
         for p in range(passes):
             k = p % len(configs)
             for config in configs[k:] + configs[:k]:
                 samples[config].append(_run_config(config, model, inputs, sigmas, coefficients, probe=False)[0])
+            for config in deep_configs:
+                deep_samples[config].append(
+                    _run_config(config, deep, deep_inputs, sigmas, coefficients, probe=False)[0])
     finally:
         torch.set_num_threads(threads)
 
@@ -200,6 +210,8 @@ def measure_host_cost(steps: int = 28, passes: int = 10, device="cpu", dtype=tor
         comp, skip = (m, "compute"), (m, "skip")
         computed_ms = _median_ms(pick(comp, True))
         skipped_ms = _median_ms(pick(skip, False))
+        deep_skipped_ms = _median_ms([t for run in deep_samples[skip]
+                                      for t, f in zip(run, deep_flags[skip]) if not f])
         blocks_skipped = n_blocks - 1 if m == "fbcache" else n_blocks
         rows.append({
             "method": m, "label": METHODS[m], "compute_settings": texts[comp], "skip_settings": texts[skip],
@@ -209,6 +221,8 @@ def measure_host_cost(steps: int = 28, passes: int = 10, device="cpu", dtype=tor
             "skipped_ms": skipped_ms, "skipped_over_plain": skipped_ms / plain_ms,
             "blocks_skipped": blocks_skipped,
             "us_per_skipped_block": (skipped_ms - floor_ms) * 1e3 / blocks_skipped,
+            # a deeper model's skipped call minus this one's, per further block
+            "us_per_further_skipped_block": (deep_skipped_ms - skipped_ms) * 1e3 / extra_blocks,
             "samples_computed": len(pick(comp, True)), "samples_skipped": len(pick(skip, False)),
         })
     describe = f"{flux_model.describe(model, spec)}, {steps} calls per run, {passes} passes, 1 thread"
@@ -226,17 +240,19 @@ def _fmt(v: float, spec: str) -> str:
 def format_rows(rows: List[dict]) -> List[str]:
     """The table as plain text (what the bench prints)."""
     out = [f"{'method':<36} {'computed call':>13} {'extra/call':>11} {'skipped call':>12} {'skip/plain':>10} "
-           f"{'per skipped block':>17}"]
+           f"{'per skipped block':>17} {'per further block':>17}"]
     for r in rows:
         out.append(f"{r['label']:<36} {_fmt(r['computed_ms'], '.3f'):>10} ms {_fmt(r['extra_us_per_computed_call'], '+.0f'):>8} us "
                    f"{_fmt(r['skipped_ms'], '.3f'):>9} ms {_fmt(r['skipped_over_plain'], '.1%'):>10} "
-                   f"{_fmt(r['us_per_skipped_block'], '.0f'):>14} us")
+                   f"{_fmt(r['us_per_skipped_block'], '.0f'):>14} us "
+                   f"{_fmt(r['us_per_further_skipped_block'], '.1f'):>14} us")
     return out
 
 
 CSV_COLUMNS = ["method", "label", "compute_settings", "skip_settings", "calls", "compute_run_computed",
                "skip_run_computed", "plain_ms", "floor_ms", "computed_ms", "extra_us_per_computed_call",
-               "skipped_ms", "skipped_over_plain", "blocks_skipped", "us_per_skipped_block", "samples_computed",
+               "skipped_ms", "skipped_over_plain", "blocks_skipped", "us_per_skipped_block",
+               "us_per_further_skipped_block", "samples_computed",
                "samples_skipped"]
 
 
@@ -246,17 +262,20 @@ def markdown(result: Dict) -> List[str]:
              f"Plain model: {result['plain_ms']:.3f} ms per call (median); floor (block lists emptied: "
              f"embeddings, final norm, projection): {result['floor_ms']:.3f} ms.", "",
              "| method | computed call ms | extra per computed call | skipped call ms | skipped / plain "
-             "| per skipped block | computed (compute run / skip run) | settings (compute; skip) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| per skipped block | per further skipped block | computed (compute run / skip run) "
+             "| settings (compute; skip) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(
             f"| {r['label']} | {_fmt(r['computed_ms'], '.3f')} | {_fmt(r['extra_us_per_computed_call'], '+.0f')} us | "
             f"{_fmt(r['skipped_ms'], '.3f')} | {_fmt(r['skipped_over_plain'], '.1%')} | "
             f"{_fmt(r['us_per_skipped_block'], '.0f')} us ({r['blocks_skipped']} blocks) | "
+            f"{_fmt(r['us_per_further_skipped_block'], '.1f')} us | "
             f"{r['compute_run_computed']}/{r['calls']} / {r['skip_run_computed']}/{r['calls']} | "
             f"{r['compute_settings']}; {r['skip_settings']} |")
     lines += ["", "`extra per computed call`: median call with every call computed minus the plain model's "
               "median call. `skipped / plain`: median skipped call over the plain call. `per skipped block`: "
               "(skipped call - floor) / blocks the skip avoided; FirstBlockCache still runs its first block "
-              "on a skipped call. Method and settings in teacache_fast/cli/host_cost.py.", ""]
+              "on a skipped call. `per further skipped block`: the skipped call of the same model with 2 + 8 "
+              "blocks minus this one's, per extra block (the marginal cost of one more skipped block). Method and settings in teacache_fast/cli/host_cost.py.", ""]
     return lines
