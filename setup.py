@@ -33,7 +33,16 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
-CUDA_SOURCES = ("status.cu", "rel_l1.cu", "modulate.cu", "decide.cu", "residual.cu")
+
+
+def _cuda_sources() -> tuple:
+    """The CUDA translation units, from csrc/sources.mk (the Makefiles read it too)."""
+    text = (CSRC / "sources.mk").read_text()
+    m = re.search(r"^CU\s*:=\s*(.+)$", text, re.M)
+    return tuple(f"{name}.cu" for name in m.group(1).split())
+
+
+CUDA_SOURCES = _cuda_sources()
 BINDING_SOURCES = ("bindings.cpp",)
 DEFAULT_ARCHS = "80;90;100;120"
 

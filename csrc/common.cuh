@@ -230,7 +230,7 @@ inline unsigned grid_y(int64_t batch) {
   return static_cast<unsigned>(batch < kMaxGridY ? batch : kMaxGridY);
 }
 
-// Error reporting (status.cpp). fail() formats the thread's message.
+// Error reporting (status.cu). fail() formats the thread's message.
 tcf_status fail(tcf_status status, const char *fmt, ...)
 #if defined(__GNUC__)
     __attribute__((format(printf, 2, 3)))
@@ -247,7 +247,7 @@ const char *dtype_name(int dtype);
 // Checks a pointer that must be non-NULL and element-aligned.
 tcf_status check_ptr(const char *op, const char *name, const void *p, int elem_size);
 
-// Partial-sum finalizer shared by both reductions (partials.cu).
+// Partial-sum finalizer shared by both reductions (defined in rel_l1.cu).
 tcf_status finish_partials(const char *op, const float *workspace, float *partials,
                            int64_t outputs, int64_t per_output, cudaStream_t stream);
 

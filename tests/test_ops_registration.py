@@ -132,3 +132,16 @@ def test_requires_grad_is_rejected_under_grad_mode():
         ops.modulate(x, None, None)
     with torch.no_grad():
         assert ops.modulate(x, None, None).shape == x.shape
+
+
+def test_one_coefficient_limit_everywhere():
+    """ops, the vendorable Triton kernel and the torch-free C header state the
+    limit separately (each must stand alone when copied); they must agree."""
+    import pathlib
+    import re as _re
+    header = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "teacache_fast.h").read_text()
+    c_limit = int(_re.search(r"#define TCF_MAX_COEFFICIENTS (\d+)", header).group(1))
+    from teacache_fast.preset_json import MAX_DEGREE
+    assert ops.MAX_COEFFICIENTS == c_limit == MAX_DEGREE + 1
+    decide = pytest.importorskip("teacache_fast.kernels.decide")
+    assert decide.MAX_COEFFICIENTS == ops.MAX_COEFFICIENTS

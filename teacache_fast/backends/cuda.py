@@ -25,8 +25,12 @@ except ImportError as exc:  # the pure-Python install: the registry never picks 
     _C = None
     _IMPORT_ERROR = exc
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_NORM_CODES = {"none": 0, "layer": 1, "rms": 2}
+# The C API's codes, as the module exports them (teacache_fast.h is their one home).
+if _C is not None:
+    _DTYPE_CODES = {torch.float32: _C.FLOAT32, torch.float16: _C.FLOAT16, torch.bfloat16: _C.BFLOAT16}
+    _NORM_CODES = {"none": _C.NORM_NONE, "layer": _C.NORM_LAYER, "rms": _C.NORM_RMS}
+else:
+    _DTYPE_CODES, _NORM_CODES = {}, {}
 
 
 def _lib():

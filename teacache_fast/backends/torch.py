@@ -111,16 +111,14 @@ def _modulated_rel_l1_small(x, scale, shift, prev, norm: str, eps: float, per_sa
         m.add_(shift.float().unsqueeze(1))
     if prev.dtype != torch.float32:
         stored = m.to(prev.dtype)
-        m.copy_(stored)
+        m.copy_(stored)               # m now holds the stored values, exactly
         p32 = prev.float()
-        diff_l1 = m.sub_(p32).abs_().sum(dim=(1, 2))
-        prev_l1 = p32.abs_().sum(dim=(1, 2))
-        prev.copy_(stored)
     else:
-        prev_l1 = prev.abs().sum(dim=(1, 2))
-        diff_l1 = prev.sub_(m).abs_().sum(dim=(1, 2))
-        prev.copy_(m)
-    return _batch_partials(diff_l1, prev_l1, per_sample)
+        stored, p32 = m, prev
+    # both sums in one reduction: [|m - prev|, |prev|] per sample -> (2, B)
+    sums = torch.stack((m - p32, p32)).abs_().sum(dim=(2, 3))
+    prev.copy_(stored)
+    return sums.t().contiguous() if per_sample else sums.sum(dim=1)
 
 
 def modulated_rel_l1_(x, scale, shift, prev, norm: str, eps: float, per_sample: bool) -> torch.Tensor:
