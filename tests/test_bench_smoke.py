@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from teacache_fast.cli import bench_ops, demo, host_cost, sampling  # noqa: E402
+from teacache_fast.cli import bench_ops, demo, host_cost, op_cases, sampling  # noqa: E402
 from teacache_fast.cli import main as cli_main  # noqa: E402
 from teacache_fast.cli.machine import device_name, device_slug  # noqa: E402
 
@@ -49,7 +49,7 @@ def test_bench_ops_compile_rows_and_eager_chain_matches_op():
     assert [r["impl"] for r in rows] == ["torch", "eager", "compile"]
     assert all(r["speedup_vs_compile"] is not None for r in rows)
     # The timed eager chain and the op compute the same indicator from the same prev.
-    impls = bench_ops._indicator_case((1, 8, 40), torch.float32, "cpu", ["torch"])
+    impls = op_cases._indicator_case((1, 8, 40), torch.float32, "cpu", ["torch"])
     eager_first = impls["eager"]()   # its own random prev
     assert math.isfinite(eager_first)
     eager_steady = impls["eager"]()  # prev is now last call's m, and x is fixed: m - prev == 0

@@ -200,37 +200,42 @@ def measure_host_cost(steps: int = 28, passes: int = 10, device="cpu", dtype=tor
     finally:
         torch.set_num_threads(threads)
 
-    def pick(config, computed: bool) -> List[float]:
-        return [t for run in samples[config] for t, f in zip(run, flags[config]) if f == computed]
-
     plain_ms = _median_ms([t for run in samples[("plain", "")] for t in run])
     floor_ms = _median_ms([t for run in samples[("floor", "")] for t in run])
-    rows = []
-    for m in methods:
-        comp, skip = (m, "compute"), (m, "skip")
-        computed_ms = _median_ms(pick(comp, True))
-        skipped_ms = _median_ms(pick(skip, False))
-        deep_skipped_ms = _median_ms([t for run in deep_samples[skip]
-                                      for t, f in zip(run, deep_flags[skip]) if not f])
-        blocks_skipped = n_blocks - 1 if m == "fbcache" else n_blocks
-        rows.append({
-            "method": m, "label": METHODS[m], "compute_settings": texts[comp], "skip_settings": texts[skip],
-            "compute_run_computed": sum(flags[comp]), "skip_run_computed": sum(flags[skip]), "calls": steps,
-            "plain_ms": plain_ms, "floor_ms": floor_ms, "computed_ms": computed_ms,
-            "extra_us_per_computed_call": (computed_ms - plain_ms) * 1e3,
-            "skipped_ms": skipped_ms, "skipped_over_plain": skipped_ms / plain_ms,
-            "blocks_skipped": blocks_skipped,
-            "us_per_skipped_block": (skipped_ms - floor_ms) * 1e3 / blocks_skipped,
-            # a deeper model's skipped call minus this one's, per further block
-            "us_per_further_skipped_block": (deep_skipped_ms - skipped_ms) * 1e3 / extra_blocks,
-            "samples_computed": len(pick(comp, True)), "samples_skipped": len(pick(skip, False)),
-        })
+    rows = [_row(m, samples, flags, texts, deep_samples, deep_flags, plain_ms, floor_ms, n_blocks,
+                 extra_blocks, steps) for m in methods]
     describe = f"{flux_model.describe(model, spec)}, {steps} calls per run, {passes} passes, 1 thread"
     log(f"[host cost] {describe}: plain call {plain_ms:.3f} ms, floor {floor_ms:.3f} ms")
     for line in format_rows(rows):
         log(f"[host cost] {line}")
     return {"describe": describe, "plain_ms": plain_ms, "floor_ms": floor_ms, "rows": rows, "steps": steps,
             "passes": passes}
+
+
+def _row(m, samples, flags, texts, deep_samples, deep_flags, plain_ms, floor_ms, n_blocks,
+         extra_blocks, steps) -> dict:
+    """One method's figures from the interleaved samples."""
+    def pick(config, computed: bool) -> List[float]:
+        return [t for run in samples[config] for t, f in zip(run, flags[config]) if f == computed]
+
+    comp, skip = (m, "compute"), (m, "skip")
+    computed_ms = _median_ms(pick(comp, True))
+    skipped_ms = _median_ms(pick(skip, False))
+    deep_skipped_ms = _median_ms([t for run in deep_samples[skip]
+                                  for t, f in zip(run, deep_flags[skip]) if not f])
+    blocks_skipped = n_blocks - 1 if m == "fbcache" else n_blocks
+    return {
+        "method": m, "label": METHODS[m], "compute_settings": texts[comp], "skip_settings": texts[skip],
+        "compute_run_computed": sum(flags[comp]), "skip_run_computed": sum(flags[skip]), "calls": steps,
+        "plain_ms": plain_ms, "floor_ms": floor_ms, "computed_ms": computed_ms,
+        "extra_us_per_computed_call": (computed_ms - plain_ms) * 1e3,
+        "skipped_ms": skipped_ms, "skipped_over_plain": skipped_ms / plain_ms,
+        "blocks_skipped": blocks_skipped,
+        "us_per_skipped_block": (skipped_ms - floor_ms) * 1e3 / blocks_skipped,
+        # a deeper model's skipped call minus this one's, per further block
+        "us_per_further_skipped_block": (deep_skipped_ms - skipped_ms) * 1e3 / extra_blocks,
+        "samples_computed": len(pick(comp, True)), "samples_skipped": len(pick(skip, False)),
+    }
 
 
 def _fmt(v: float, spec: str) -> str:
