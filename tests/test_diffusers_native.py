@@ -222,3 +222,32 @@ def test_negative_polynomial_is_counted_and_warned(tiny):
     assert "max_consecutive_skips" in str(negative[0].message)
     assert st["negative_estimates"] >= STEPS - 2
     assert st["steps"][-1]  # the final step still computes (forced)
+
+
+def test_two_pipelines_sharing_a_scheduler_remove_independently():
+    """Removing A's cache keeps B's scheduler watch, and A's switched-off
+    override keeps nothing of A alive (issue 15, item 5)."""
+    import gc
+    import weakref
+
+    from teacache_fast.wrapper import CachedModel
+    a, b = MiniPipe(tiny_flux(0)), MiniPipe(tiny_flux(1))
+    b.scheduler = a.scheduler
+    tf.apply_teacache(a, threshold=0.5)
+    tf.apply_teacache(b, threshold=0.5)
+    ref = weakref.ref(a.transformer.__dict__["_teacache_fast"])
+    tf.remove_teacache(a)
+    gc.collect()
+    assert ref() is None or not isinstance(ref(), CachedModel), "A's cache is still referenced"
+    x0 = b.tiny.latents(1)
+    out = b(x0, STEPS)
+    st = tf.stats(b)["branches"]
+    assert tf.inspect(b).scheduler_watched and len(st[0]["steps"]) == STEPS and st[0]["steps"][-1]
+    tf.remove_teacache(b)
+    assert "set_timesteps" not in a.scheduler.__dict__ and "step" not in a.scheduler.__dict__
+    expected, st_fresh = _fresh_run(type(a.scheduler), STEPS)
+    # b's model is tiny_flux(1): compare patterns only against a fresh b
+    fresh_b = MiniPipe(tiny_flux(1))
+    with tf.teacache(fresh_b, threshold=0.5):
+        assert torch.equal(fresh_b(x0, STEPS), out)
+        assert tf.stats(fresh_b)["branches"] == st

@@ -53,9 +53,11 @@ class _Override(_NotCopyable):
     """An instance attribute standing in for a method."""
 
     def __init__(self, event: Event, original: Callable):
+        # name, doc, __wrapped__ (signature); not the __dict__: the original
+        # may be another override, whose event is not ours
+        functools.update_wrapper(self, original, updated=())
         self.event: Optional[Event] = event
         self.original = original
-        functools.update_wrapper(self, original)  # name, doc, __wrapped__ (signature)
 
     def __call__(self, *args, **kwargs):
         event = self.event
@@ -146,6 +148,7 @@ class Patches:
         """``obj.name`` replaced by ``event(original, args, kwargs)`` as an instance attribute."""
         own = obj.__dict__.get(name, _MISSING)
         override = _Override(event, getattr(obj, name))
+        override.before = own
         obj.__dict__[name] = override
         self._overrides.append((obj, name, own, override))
 
@@ -162,6 +165,9 @@ class Patches:
             override.event = None          # off, and no reference to the cache kept
             if obj.__dict__.get(name) is not override:
                 continue                   # overridden again after us: ours stays, switched off
+            # what was there before us, past overrides switched off in the meantime
+            while isinstance(own, _Override) and own.event is None:
+                own = own.before
             if own is _MISSING:
                 del obj.__dict__[name]
             else:
