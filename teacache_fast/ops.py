@@ -42,7 +42,7 @@ __all__ = [
 
 from ._checks import (MAX_COEFFICIENTS, NORMS, SUPPORTED_DTYPES, _as_coefficients, _check_bool,  # noqa: F401
                       _check_like, _check_norm, _check_same_device, _check_same_shape,
-                      _check_tensor, _check_x, _modulation_rows, check_threshold)
+                      _check_tensor, _check_writable, _check_x, _modulation_rows, check_threshold)
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -196,6 +196,7 @@ def modulated_rel_l1_(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor
     scale = _modulation_rows("scale", scale, x)
     shift = _modulation_rows("shift", shift, x)
     _check_like("prev", prev, "x", x)
+    _check_writable("prev", prev)
     _check_bool("per_sample", per_sample)
     return _dispatch(_modulated_rel_l1_impl, _modulated_rel_l1, x)(x, scale, shift, prev, norm,
                                                                     float(eps), per_sample)
@@ -253,6 +254,7 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: f
     _check_tensor("state", state, dtypes=(torch.float32,))
     _check_same_device("state", state, "partials", partials)
     _check_same_shape("state", state, "partials", partials)
+    _check_writable("state", state)
     coeffs = _as_coefficients(coefficients)
     check_threshold(threshold)
     lead = partials.shape[:-1]
@@ -311,6 +313,7 @@ def residual_capture_(out: Tensor, inp: Tensor, residual: Tensor) -> None:
     _check_like("inp", inp, "out", out)
     _check_tensor("residual", residual)
     _check_same_shape("residual", residual, "out", out)
+    _check_writable("residual", residual)
     _dispatch(_residual_capture_impl, _residual_capture, out)(out, inp, residual)
 
 
@@ -340,6 +343,7 @@ def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor] = N
     mask is set change. residual may have another float dtype or device.
     """
     _check_tensor("hidden", hidden)
+    _check_writable("hidden", hidden)
     _check_tensor("residual", residual)
     _check_same_shape("residual", residual, "hidden", hidden)
     if mask is not None:
