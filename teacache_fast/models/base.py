@@ -264,6 +264,8 @@ class Adapter:
 
 def _describe(v: Any) -> str:
     """A short description of a value for messages: tensors by shape."""
+    if v is None:
+        return "None"
     if isinstance(v, Tensor):
         return f"a tensor of shape {tuple(v.shape)}"
     if isinstance(v, (tuple, list)):
