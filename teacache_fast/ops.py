@@ -108,7 +108,9 @@ def modulate(x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] 
 
     x: (B, *, C). scale/shift: (B, C), (B, 1, C) (or a batch of 1) or None.
     norm: "layer" (LayerNorm without affine), "rms" (RMSNorm without weight)
-    or "none".
+    or "none". A row whose statistics are not finite (NaN in it, or a sum of
+    squares that overflows fp32: |x| >~ 1.8e19) comes out NaN, not 0, so the
+    indicator of modulated_rel_l1_ is NaN and the decision computes.
     """
     _check_x(x)
     _check_norm(norm, eps)
@@ -245,8 +247,10 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: f
     is updated in place. Per state: ``acc += poly(num / den)``; compute when
     ``force``, when ``acc >= threshold``, when ``consecutive_skips`` reached
     ``max_consecutive_skips``, or when the ratio or acc is not finite (zero
-    denominator, inf, NaN); a compute resets acc and the skip counter (a forced
-    step does not accumulate). ``threshold == 0`` never skips. No host sync.
+    denominator, inf, NaN), or when the skip counter is not a finite number
+    >= 0 (a corrupt state: a NaN counter would defeat ``max_consecutive_skips``);
+    a compute resets acc and the skip counter (a forced step does not
+    accumulate). ``threshold == 0`` never skips. No host sync.
     """
     _check_tensor("partials", partials, dtypes=(torch.float32,))
     if partials.shape[-1] != 2:
