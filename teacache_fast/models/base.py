@@ -187,7 +187,7 @@ class Adapter:
             raise TypeError(f"Adapter {self.name!r}: output_index must be None or an int (the "
                             f"position of {self.stream!r} in a block's tuple output), got "
                             f"{self.output_index!r}")
-        if not isinstance(self.capture, dict):
+        if not isinstance(self.capture, Mapping):
             raise TypeError(f"Adapter {self.name!r}: capture must be a dict name -> (model -> "
                             f"module), got {type(self.capture).__name__}")
         for key, get in self.capture.items():
