@@ -48,8 +48,9 @@ def _checked_rstd(var: torch.Tensor, eps: float) -> torch.Tensor:
     and the indicator read "no change". A NaN row makes the decision compute
     instead. Finite statistics keep their bits.
     """
-    rstd = var.add_(eps).rsqrt_()
-    return rstd.masked_fill_(rstd == 0, float("nan"))
+    v = var.add_(eps)
+    # rstd + 0 * v, one op: + 0 exactly when v is finite (> 0), NaN (0 * inf) when not
+    return torch.rsqrt(v).add_(v, alpha=0.0)
 
 
 def _modulate_chunk(x: torch.Tensor, scale1p: torch.Tensor | None, shift: torch.Tensor | None,
