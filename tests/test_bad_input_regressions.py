@@ -183,7 +183,7 @@ def test_huge_activations_through_the_wrapper_compute_every_step(toy):
     assert st["computed"] == STEPS and st["skipped"] == 0, st
 
 
-# --------------------------------------------------------------------------- item 12: a corrupt decision state
+# ----------------------------------------------------------------- item 12: a corrupt decision state
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("skips", [float("nan"), float("inf"), float("-inf"), -3.0])
@@ -242,7 +242,7 @@ def test_decide_reads_any_nonzero_force_byte_as_true(backend):
     assert flags.tolist() == [True, False]
 
 
-# --------------------------------------------------------------------------- item 11: errors that name nothing
+# ----------------------------------------------------------------- item 11: errors that name nothing
 
 @pytest.mark.parametrize("blocks, match", [
     (lambda m: torch.zeros(3), "blocks\\(model\\) must return a sequence of torch.nn.Module.*tensor"),

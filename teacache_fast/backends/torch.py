@@ -41,7 +41,7 @@ def _normalize(x32: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
 
 
 def _checked_rstd(var: torch.Tensor, eps: float) -> torch.Tensor:
-    """rsqrt(var + eps) in place, NaN where the statistics are not finite.
+    """rsqrt(var + eps) (var is overwritten), NaN where the statistics are not finite.
 
     rstd is > 0 for every finite variance; it is 0 when the sum of squares
     overflowed fp32 (|x| >~ 1.8e19), which would make the normalized row 0

@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-__all__ = ["Adapter", "check_adapter", "Modulated", "BlockCall", "Variant", "Family", "signature_of", "first_and_last",
-           "first_only", "first_n", "first_fraction", "pick_variant", "class_names"]
+__all__ = ["Adapter", "check_adapter", "Modulated", "BlockCall", "Variant", "Family", "signature_of",
+           "first_and_last", "first_only", "first_n", "first_fraction", "pick_variant", "class_names"]
 
 
 _SIGNATURES: Dict[Any, Optional[inspect.Signature]] = {}
