@@ -7,6 +7,8 @@ TRITON_INTERPRET=1, set by conftest; cuda where a GPU and teacache_fast._C are).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -263,6 +265,10 @@ def test_adapter_blocks_may_return_a_module_list(toy):
     assert adapter.blocks(toy) == list(toy.blocks)
     a = toy_adapter()
     assert a.blocks.__wrapped__(toy) == a.blocks(toy)  # the checked function is the given one
+    b = dataclasses.replace(a, name="renamed", blocks=lambda m: [1])
+    with pytest.raises(TypeError, match="Adapter 'renamed': blocks"):
+        b.blocks(toy)
+    assert dataclasses.replace(a, name="again").blocks.__wrapped__ is a.blocks.__wrapped__
 
 
 @pytest.mark.xfail(strict=True, reason="needs wrapper call: lead (check_adapter in apply_teacache)")

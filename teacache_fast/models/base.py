@@ -207,9 +207,10 @@ class Adapter:
         if self.output_index is not None and self.passthrough is None:
             raise ValueError("Adapter.passthrough is required when blocks return tuples "
                              "(output_index is set): it builds a skipped block's output")
-        if not isinstance(self.blocks, _CheckedBlocks):
-            # every caller (the wrapper, device runner, calibration) gets a checked list
-            self.blocks = _CheckedBlocks(self.name, self.blocks)
+        # every caller (the wrapper, device runner, calibration) gets a checked list;
+        # dataclasses.replace re-wraps the given function under the new name
+        fn = self.blocks.fn if isinstance(self.blocks, _CheckedBlocks) else self.blocks
+        self.blocks = _CheckedBlocks(self.name, fn)
 
     def check_output(self, out: Any, stream_in: Tensor) -> Tensor:
         """The stream in a block's output (:meth:`output_stream`), checked against
