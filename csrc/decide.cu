@@ -32,6 +32,7 @@ __global__ void decide_kernel(const float *__restrict__ partials, float *__restr
     bool go = (force != nullptr && force[i] != 0) || !valid || !isfinite(new_acc) ||
               new_acc >= threshold || never_skip;
     if (max_skips >= 0) go = go || skips >= static_cast<float>(max_skips);
+    go = go || !(isfinite(skips) && skips >= 0.f);  // a corrupt skip counter computes
     state[2 * i] = go ? 0.f : new_acc;
     state[2 * i + 1] = go ? 0.f : __fadd_rn(skips, 1.f);
     compute[i] = go ? 1 : 0;

@@ -71,6 +71,9 @@ __global__ void modulate_rows_kernel(const typename T::storage *__restrict__ x,
         });
         rstd = 1.0f / sqrtf(block_sum(sq) / fcols + eps);
       }
+      // rstd > 0 for every finite variance: 0 means the sum of squares overflowed
+      // (|x| >~ 1.8e19), NaN a NaN input. Poison m so the indicator computes.
+      if (!(rstd > 0.f)) rstd = NAN;
 
       for_each<VEC>(s, cols, threadIdx.x, blockDim.x, [&](int64_t i, auto w) {
         constexpr int W = decltype(w)::value;

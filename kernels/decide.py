@@ -9,6 +9,7 @@ place), writes the bool compute flags (S,):
     new_acc = acc + poly(rel if valid else 0)
     compute = force | invalid | new_acc not finite | new_acc >= threshold
               | threshold <= 0 | (max_skips >= 0 and skips >= max_skips)
+              | skips not a finite number >= 0 (a corrupt state computes)
     acc, skips = (0, 0) if compute else (new_acc, skips + 1)
 
 poly is evaluated in fp32 by Horner's rule, highest power first (numpy.poly1d
@@ -63,6 +64,8 @@ def _decide_kernel(part_ptr, state_ptr, force_ptr, flags_ptr, S, threshold, max_
     compute = force | (~valid) | (~_finite(new_acc)) | (new_acc >= threshold)
     compute = compute | (threshold <= 0.0)  # threshold 0 never skips, whatever poly's sign
     compute = compute | ((max_skips >= 0.0) & (skips >= max_skips))
+    # a corrupt skip counter (NaN, inf, negative) cannot be trusted: compute (and reset it)
+    compute = compute | ~((skips >= 0.0) & _finite(skips))
     tl.store(state_ptr + 2 * i, tl.where(compute, 0.0, new_acc), mask=mask)
     tl.store(state_ptr + 2 * i + 1, tl.where(compute, 0.0, skips + 1.0), mask=mask)
     tl.store(flags_ptr + i, compute.to(tl.uint8), mask=mask)

@@ -62,6 +62,10 @@ def _row_stats(x_row, C, eps, NORM: tl.constexpr, BLOCK_C: tl.constexpr):
         d = tl.where(cmask, v - mean, 0.0)
         acc2 += d * d
     rstd = tl.rsqrt(tl.sum(acc2, axis=0) / C + eps)
+    # rstd is > 0 for every finite variance; 0 means the sum of squares overflowed
+    # (|x| >~ 1.8e19 in fp32), NaN a NaN input. Then m would be 0 (or shift) and the
+    # indicator would read "no change": make it NaN instead, so the step computes.
+    rstd = tl.where(rstd > 0.0, rstd, float("nan"))
     return mean, rstd
 
 

@@ -55,7 +55,8 @@ def _residual_apply_kernel(hidden_ptr, res_ptr, mask_ptr, L, tiles_per_program,
     # A masked-out sample gets an empty range: no loads, no stores.
     end = L
     if HAS_MASK:
-        end = L * tl.load(mask_ptr + b).to(tl.int64)  # the bool flag read as a 0/1 byte
+        # the bool flag's byte: any nonzero byte is True (torch may hold 2..255)
+        end = L * (tl.load(mask_ptr + b) != 0).to(tl.int64)
     for t in range(0, tiles_per_program):
         offs = first + t * BLOCK + lanes
         mask = offs < end

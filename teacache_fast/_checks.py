@@ -49,6 +49,22 @@ def _check_same_shape(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
                          f"got {tuple(t.shape)}")
 
 
+def _check_writable(name: str, t: Tensor) -> None:
+    """t is written in place: no two of its elements may share memory (an
+    expand()ed or broadcast_to() view has stride 0 and cannot take a write).
+
+    torch's own rule (MemOverlap::Yes): a dimension of size > 1 with stride 0.
+    Skipped while Dynamo traces (reading strides there would add guards and a
+    private torch call would break the graph); eager calls are checked."""
+    if torch.compiler.is_compiling():
+        return
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+        raise ValueError(
+            f"{name} is written in place, so each of its elements needs its own memory; got shape "
+            f"{tuple(t.shape)} with strides {t.stride()} (a stride-0 view, e.g. from expand() or "
+            f"broadcast_to()): pass {name}.clone() or a freshly allocated tensor")
+
+
 def _check_like(name: str, t, ref_name: str, ref: Tensor) -> None:
     """t is a valid tensor with ref's device, shape and dtype (e.g. prev vs x)."""
     _check_tensor(name, t)

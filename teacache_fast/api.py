@@ -270,9 +270,14 @@ def _view(cached: CachedModel) -> CacheView:
 
 @contextlib.contextmanager
 def teacache(module: Any, config: Optional[TeaCacheConfig] = None, **kwargs) -> Iterator[nn.Module]:
-    """``with teacache(pipe, threshold=0.4): pipe(...)``: apply, then always remove."""
+    """``with teacache(pipe, threshold=0.4): pipe(...)``: apply, then always remove.
+
+    Leaving the block removes TeaCache unless the body removed it already, so
+    an exception raised by the body is never replaced by a "no TeaCache
+    attached" error from the exit."""
     model = apply_teacache(module, config, **kwargs)
     try:
         yield model
     finally:
-        remove_teacache(model)
+        if _ATTR in model.__dict__:
+            remove_teacache(model)

@@ -42,7 +42,7 @@ __all__ = [
 
 from ._checks import (MAX_COEFFICIENTS, NORMS, SUPPORTED_DTYPES, _as_coefficients, _check_bool,  # noqa: F401
                       _check_like, _check_norm, _check_same_device, _check_same_shape,
-                      _check_tensor, _check_x, _modulation_rows, check_threshold)
+                      _check_tensor, _check_writable, _check_x, _modulation_rows, check_threshold)
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -108,7 +108,9 @@ def modulate(x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] 
 
     x: (B, *, C). scale/shift: (B, C), (B, 1, C) (or a batch of 1) or None.
     norm: "layer" (LayerNorm without affine), "rms" (RMSNorm without weight)
-    or "none".
+    or "none". A row whose statistics are not finite (NaN in it, or a sum of
+    squares that overflows fp32: |x| >~ 1.8e19) comes out NaN, not 0, so the
+    indicator of modulated_rel_l1_ is NaN and the decision computes.
     """
     _check_x(x)
     _check_norm(norm, eps)
@@ -196,6 +198,7 @@ def modulated_rel_l1_(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor
     scale = _modulation_rows("scale", scale, x)
     shift = _modulation_rows("shift", shift, x)
     _check_like("prev", prev, "x", x)
+    _check_writable("prev", prev)
     _check_bool("per_sample", per_sample)
     return _dispatch(_modulated_rel_l1_impl, _modulated_rel_l1, x)(x, scale, shift, prev, norm,
                                                                     float(eps), per_sample)
@@ -244,8 +247,10 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: f
     is updated in place. Per state: ``acc += poly(num / den)``; compute when
     ``force``, when ``acc >= threshold``, when ``consecutive_skips`` reached
     ``max_consecutive_skips``, or when the ratio or acc is not finite (zero
-    denominator, inf, NaN); a compute resets acc and the skip counter (a forced
-    step does not accumulate). ``threshold == 0`` never skips. No host sync.
+    denominator, inf, NaN), or when the skip counter is not a finite number
+    >= 0 (a corrupt state: a NaN counter would defeat ``max_consecutive_skips``);
+    a compute resets acc and the skip counter (a forced step does not
+    accumulate). ``threshold == 0`` never skips. No host sync.
     """
     _check_tensor("partials", partials, dtypes=(torch.float32,))
     if partials.shape[-1] != 2:
@@ -253,6 +258,7 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: f
     _check_tensor("state", state, dtypes=(torch.float32,))
     _check_same_device("state", state, "partials", partials)
     _check_same_shape("state", state, "partials", partials)
+    _check_writable("state", state)
     coeffs = _as_coefficients(coefficients)
     check_threshold(threshold)
     lead = partials.shape[:-1]
@@ -311,6 +317,7 @@ def residual_capture_(out: Tensor, inp: Tensor, residual: Tensor) -> None:
     _check_like("inp", inp, "out", out)
     _check_tensor("residual", residual)
     _check_same_shape("residual", residual, "out", out)
+    _check_writable("residual", residual)
     _dispatch(_residual_capture_impl, _residual_capture, out)(out, inp, residual)
 
 
@@ -340,6 +347,7 @@ def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor] = N
     mask is set change. residual may have another float dtype or device.
     """
     _check_tensor("hidden", hidden)
+    _check_writable("hidden", hidden)
     _check_tensor("residual", residual)
     _check_same_shape("residual", residual, "hidden", hidden)
     if mask is not None:

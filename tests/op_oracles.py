@@ -35,7 +35,10 @@ def modulate64(x, scale, shift, norm: str, eps: float) -> torch.Tensor:
         mean = x.mean(-1, keepdim=True)
         n = (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)
     elif norm == "rms":
-        n = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+        ms = (x * x).mean(-1, keepdim=True)
+        # a row whose statistics are not finite (inf in it) is NaN throughout, as
+        # LayerNorm's is: the ops never let such a row read as "no change"
+        n = torch.where(torch.isfinite(ms), x / torch.sqrt(ms + eps), float("nan"))
     else:
         n = x
     lead = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)

@@ -18,8 +18,10 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
-from teacache_fast import ops
+from teacache_fast import TeaCacheConfig, ops
+from teacache_fast.models import Adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bad_input.md"
@@ -37,6 +39,11 @@ def namespace() -> dict:
         partials_b=torch.rand(B, 2), state_b=ops.new_decide_state((B, 2)),
         coeffs=[1.0, 0.0], out=torch.randn(B, N, C), residual=torch.zeros(B, N, C),
         hidden=torch.randn(B, N, C), mask=torch.tensor([True, False]),
+        # the settings and the adapter (a model of two Linear blocks)
+        TeaCacheConfig=TeaCacheConfig, Adapter=Adapter,
+        model=nn.Sequential(nn.Linear(C, C), nn.Linear(C, C)), blocks=list,
+        indicator=lambda call: call["input"], passthrough=lambda call: call["input"],
+        enc=torch.randn(B, 5, C),
     )
 
 
@@ -73,6 +80,7 @@ CASES = [
     ("ops.modulated_rel_l1_(x, scale, shift, prev, norm='LayerNorm')", ValueError, "norm"),
     ("ops.modulated_rel_l1_(x, scale, shift, prev, eps=-1e-6)", ValueError, "eps"),
     ("ops.modulated_rel_l1_(x, scale, shift, prev, per_sample='yes')", TypeError, "per_sample"),
+    ("ops.modulated_rel_l1_(x, scale, shift, prev[:1].expand(2, 3, 4))", ValueError, "prev"),
     # ---- teacache_decide_
     ("ops.teacache_decide_(partials.half(), state, coeffs, 0.1)", TypeError, "partials"),
     ("ops.teacache_decide_(torch.zeros(3), state, coeffs, 0.1)", ValueError, "partials"),
@@ -94,6 +102,7 @@ CASES = [
      "max_consecutive_skips"),
     ("ops.teacache_decide_(partials, state, coeffs, 0.1, max_consecutive_skips=2.5)", ValueError,
      "max_consecutive_skips"),
+    ("ops.teacache_decide_(partials_b, state_b[:1].expand(2, 2), coeffs, 0.1)", ValueError, "state"),
     # ---- residual_capture_
     ("ops.residual_capture_(out, x[:, :2], residual)", ValueError, "inp"),
     ("ops.residual_capture_(out, x.half(), residual)", TypeError, "inp"),
@@ -101,6 +110,7 @@ CASES = [
     ("ops.residual_capture_(out[:0], x[:0], residual)", ValueError, "out"),
     ("ops.residual_capture_(out, x, residual[:1])", ValueError, "residual"),
     ("ops.residual_capture_(out, x, residual.int())", TypeError, "residual"),
+    ("ops.residual_capture_(out, x, residual[:1].expand(2, 3, 4))", ValueError, "residual"),
     # ---- residual_apply_
     ("ops.residual_apply_(hidden, residual[:, :1])", ValueError, "residual"),
     ("ops.residual_apply_(hidden.double(), residual)", TypeError, "hidden"),
@@ -108,11 +118,36 @@ CASES = [
     ("ops.residual_apply_(hidden, residual, mask.int())", TypeError, "mask"),
     ("ops.residual_apply_(hidden, residual, mask[:1])", ValueError, "mask"),
     ("ops.residual_apply_(hidden, residual, mask.to('meta'))", ValueError, "mask"),
+    ("ops.residual_apply_(hidden[:1].expand(2, 3, 4), residual)", ValueError, "hidden"),
+    ("ops.residual_apply_(torch.zeros(2, 1, 4).expand(2, 3, 4), residual)", ValueError, "hidden"),
+    # ---- TeaCacheConfig (apply_teacache's settings)
+    ("TeaCacheConfig(coefficients=coeffs, cache_device='meta').validate()", ValueError, "cache_device"),
+    ("TeaCacheConfig(coefficients=coeffs, cache_device='gpu').validate()", ValueError, "cache_device"),
+    # ---- Adapter (a model without a preset)
+    ("Adapter(name='toy', blocks=[model[0]], indicator=indicator)", TypeError, "blocks"),
+    ("Adapter(name='toy', blocks=blocks, indicator=None)", TypeError, "indicator"),
+    ("Adapter(name='toy', blocks=lambda m: torch.zeros(2), indicator=indicator).blocks(model)",
+     TypeError, "blocks"),
+    ("Adapter(name='toy', blocks=lambda m: [m[0], 3], indicator=indicator).blocks(model)",
+     TypeError, "blocks"),
+    ("Adapter(name='toy', blocks=lambda m: m[0], indicator=indicator).blocks(model)", TypeError, "blocks"),
+    ("Adapter(name='toy', blocks=blocks, indicator=indicator, stream=0)", TypeError, "stream"),
+    ("Adapter(name='toy', blocks=blocks, indicator=indicator, output_index='1', "
+     "passthrough=passthrough)", TypeError, "output_index"),
+    ("Adapter(name='toy', blocks=blocks, indicator=indicator, unbatched='image_rotary_emb')",
+     TypeError, "unbatched"),
+    ("Adapter(name='toy', blocks=blocks, indicator=indicator, output_index=0, "
+     "passthrough=passthrough).check_output((enc, hidden), hidden)", ValueError, "output_index"),
+    ("Adapter(name='toy', blocks=blocks, indicator=indicator, output_index=2, "
+     "passthrough=passthrough).check_output((enc, hidden), hidden)", ValueError, "output_index"),
+    ("Adapter(name='toy', blocks=blocks, indicator=indicator).check_output((enc, hidden), hidden)",
+     TypeError, "output_index"),
 ]
 
 
 def op_name(call: str) -> str:
-    return re.match(r"ops\.(\w+)\(", call).group(1)
+    """The op (or class) a row calls: the table's section."""
+    return re.match(r"(?:ops\.)?(\w+)\(", call).group(1)
 
 
 def run_case(call: str) -> BaseException:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 # Elements processed per chunk: big enough to amortise op dispatch, small enough
 # that fp32 temporaries (~1 MiB each) stay in cache.
@@ -34,10 +33,24 @@ def _normalize(x32: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
         # and this backend is the oracle of the others
         centred = x32 - x32.mean(dim=-1, keepdim=True)
         var = centred.square().mean(dim=-1, keepdim=True)
-        return centred.mul_(var.add_(eps).rsqrt_())
+        return centred.mul_(_checked_rstd(var, eps))
     if norm == "rms":
-        return F.rms_norm(x32, x32.shape[-1:], eps=eps)
+        # F.rms_norm's arithmetic (the same bits on CPU), with the overflow check
+        return x32 * _checked_rstd(x32.square().mean(dim=-1, keepdim=True), eps)
     return x32.clone()
+
+
+def _checked_rstd(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """rsqrt(var + eps) (var is overwritten), NaN where the statistics are not finite.
+
+    rstd is > 0 for every finite variance; it is 0 when the sum of squares
+    overflowed fp32 (|x| >~ 1.8e19), which would make the normalized row 0
+    and the indicator read "no change". A NaN row makes the decision compute
+    instead. Finite statistics keep their bits.
+    """
+    v = var.add_(eps)
+    # rstd + 0 * v, one op: + 0 exactly when v is finite (> 0), NaN (0 * inf) when not
+    return torch.rsqrt(v).add_(v, alpha=0.0)
 
 
 def _modulate_chunk(x: torch.Tensor, scale1p: torch.Tensor | None, shift: torch.Tensor | None,
@@ -171,6 +184,8 @@ def teacache_decide_(partials, state, coefficients, threshold: float, force, max
         compute = torch.ones_like(compute)
     if max_skips >= 0:
         compute = compute | (skips >= max_skips)
+    # a corrupt skip counter (NaN, inf, negative) cannot be trusted: compute (and reset it)
+    compute = compute | ~(torch.isfinite(skips) & (skips >= 0))
     state[:, 0] = torch.where(compute, torch.zeros_like(new_acc), new_acc)
     state[:, 1] = torch.where(compute, torch.zeros_like(skips), skips + 1)
     return compute

@@ -93,6 +93,7 @@ class TeaCacheConfig:
                 self.cache_device = torch.device(self.cache_device)
             except (RuntimeError, TypeError) as exc:
                 raise ValueError(f"cache_device must name a device, got {self.cache_device!r}") from exc
+            _check_cache_device(self.cache_device)
         if self.cache_dtype is not None and self.cache_dtype not in ops.SUPPORTED_DTYPES:
             raise ValueError(f"cache_dtype must be one of {ops.SUPPORTED_DTYPES}, got {self.cache_dtype!r}")
         if not isinstance(self.per_sample, bool):
@@ -135,6 +136,28 @@ class TeaCacheConfig:
     def forced_table(self, num_steps: int, rule: Callable[[int, int], bool]) -> List[bool]:
         """:meth:`forced` for every step of a ``num_steps`` schedule."""
         return [self.forced(s, num_steps, rule) for s in range(num_steps)]
+
+
+def _check_cache_device(dev: torch.device) -> None:
+    """cache_device must hold real data here and now, not fail at the first call."""
+    if dev.type == "meta":
+        raise ValueError("cache_device must be a device that holds data, such as 'cpu' or 'cuda'; "
+                         "got 'meta' (meta tensors have no storage: the residual could never be "
+                         "applied)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"cache_device={str(dev)!r} needs a CUDA device, but "
+                             "torch.cuda.is_available() is False; use cache_device='cpu' or None")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"cache_device={str(dev)!r} names CUDA device {dev.index}, but only "
+                             f"{count} CUDA device(s) are visible (indices 0..{count - 1})")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as exc:  # noqa: BLE001 - any failure means: not usable here
+            raise ValueError(f"cache_device={str(dev)!r} cannot hold tensors in this process: "
+                             f"{type(exc).__name__}: {exc}") from exc
 
 
 def _check_int(name: str, v, *, minimum: int, optional: bool = False) -> None:

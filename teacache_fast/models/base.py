@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-__all__ = ["Adapter", "Modulated", "BlockCall", "Variant", "Family", "signature_of", "first_and_last",
-           "first_only", "first_n", "first_fraction", "pick_variant", "class_names"]
+__all__ = ["Adapter", "check_adapter", "Modulated", "BlockCall", "Variant", "Family", "signature_of",
+           "first_and_last", "first_only", "first_n", "first_fraction", "pick_variant", "class_names"]
 
 
 _SIGNATURES: Dict[Any, Optional[inspect.Signature]] = {}
@@ -173,11 +173,78 @@ class Adapter:
     variant: Optional[str] = None
 
     def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise TypeError(f"Adapter.name must be a str, got {type(self.name).__name__}")
+        for attr in ("blocks", "indicator", "forced"):
+            _check_callable(self.name, attr, getattr(self, attr))
+        for attr in ("passthrough", "tail", "end"):
+            _check_callable(self.name, attr, getattr(self, attr), optional=True)
+        if not isinstance(self.stream, str) or not self.stream:
+            raise TypeError(f"Adapter {self.name!r}: stream must be the name (a str) of the block "
+                            f"argument that carries the residual, got {self.stream!r}")
+        if self.output_index is not None and (isinstance(self.output_index, bool)
+                                              or not isinstance(self.output_index, int)):
+            raise TypeError(f"Adapter {self.name!r}: output_index must be None or an int (the "
+                            f"position of {self.stream!r} in a block's tuple output), got "
+                            f"{self.output_index!r}")
+        if not isinstance(self.capture, Mapping):
+            raise TypeError(f"Adapter {self.name!r}: capture must be a dict name -> (model -> "
+                            f"module), got {type(self.capture).__name__}")
+        for key, get in self.capture.items():
+            _check_callable(self.name, f"capture[{key!r}]", get)
+        if isinstance(self.unbatched, str) or not all(isinstance(u, str) for u in self.unbatched):
+            raise TypeError(f"Adapter {self.name!r}: unbatched must be a tuple of argument names "
+                            f"(str), got {self.unbatched!r}")
+        self.unbatched = tuple(self.unbatched)
+        if self.timestep_arg is not None and not isinstance(self.timestep_arg, str):
+            raise TypeError(f"Adapter {self.name!r}: timestep_arg must be None or the name (a str) "
+                            f"of the model's timestep argument, got {self.timestep_arg!r}")
+        if not isinstance(self.subset, bool):
+            raise TypeError(f"Adapter {self.name!r}: subset must be a bool, got "
+                            f"{type(self.subset).__name__}")
         if (self.tail is None) != (self.end is None) and self.tail is not None:
             raise ValueError("Adapter.tail needs Adapter.end (the module whose input ends the span)")
         if self.output_index is not None and self.passthrough is None:
             raise ValueError("Adapter.passthrough is required when blocks return tuples "
                              "(output_index is set): it builds a skipped block's output")
+        # every caller (the wrapper, device runner, calibration) gets a checked list;
+        # dataclasses.replace re-wraps the given function under the new name
+        fn = self.blocks.fn if isinstance(self.blocks, _CheckedBlocks) else self.blocks
+        self.blocks = _CheckedBlocks(self.name, fn)
+
+    def check_output(self, out: Any, stream_in: Tensor) -> Tensor:
+        """The stream in a block's output (:meth:`output_stream`), checked against
+        the stream that entered the span: a clear error naming output_index (or
+        stream) instead of a shape mismatch deep in the residual op. The batch
+        dimension may differ (a per-sample run computes a subset)."""
+        idx = self.output_index
+        if idx is None:
+            if not isinstance(out, Tensor):
+                raise TypeError(
+                    f"Adapter {self.name!r}: output_index is None, so a block must return the "
+                    f"{self.stream!r} tensor itself, but the last block returned "
+                    f"{_describe(out)}; set output_index= to the position of {self.stream!r} in "
+                    "its output (and passthrough=)")
+            t = out
+        else:
+            if not isinstance(out, (tuple, list)) or not -len(out) <= idx < len(out):
+                raise ValueError(
+                    f"Adapter {self.name!r}: output_index={idx} must index the last block's tuple "
+                    f"output, which is {_describe(out)}")
+            t = out[idx]
+            if not isinstance(t, Tensor):
+                raise TypeError(
+                    f"Adapter {self.name!r}: output_index={idx} must point at the {self.stream!r} "
+                    f"tensor of a block's output ({_describe(out)}); that item is "
+                    f"{type(t).__name__}")
+        if t.dim() != stream_in.dim() or t.shape[1:] != stream_in.shape[1:]:
+            where = "the block's output" if idx is None else f"output_index={idx} of {_describe(out)}"
+            raise ValueError(
+                f"Adapter {self.name!r}: {where} has shape {tuple(t.shape)}, but the stream "
+                f"{self.stream!r} that entered the cached span has shape {tuple(stream_in.shape)}; "
+                + ("output_index must point at the stream's tensor in the block's output"
+                   if idx is not None else f"the block's output must be the {self.stream!r} tensor"))
+        return t
 
     def skip_output(self, call: BlockCall) -> Any:
         """What a block returns on a skipped step: its inputs, in its output's layout."""
@@ -195,6 +262,76 @@ class Adapter:
         items[self.output_index] = stream
         return type(out)(items) if isinstance(out, tuple) else items
 
+
+def _describe(v: Any) -> str:
+    """A short description of a value for messages: tensors by shape."""
+    if v is None:
+        return "None"
+    if isinstance(v, Tensor):
+        return f"a tensor of shape {tuple(v.shape)}"
+    if isinstance(v, (tuple, list)):
+        items = ", ".join(f"tensor{tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+                          for x in v)
+        return f"a {type(v).__name__} of {len(v)} ({items})"
+    return type(v).__name__
+
+
+def _check_callable(name: str, attr: str, fn: Any, optional: bool = False) -> None:
+    if fn is None and optional:
+        return
+    if not callable(fn):
+        expected = "a callable" + (" or None" if optional else "")
+        hint = " (model -> the list of blocks, e.g. lambda m: list(m.blocks))" if attr == "blocks" else ""
+        raise TypeError(f"Adapter {name!r}: {attr} must be {expected}{hint}, got "
+                        f"{_describe(fn)}")
+
+
+class _CheckedBlocks:
+    """An Adapter's ``blocks`` function, whose result is checked: a sequence of
+    nn.Module (tensors, ints, strings are clear errors, not an AttributeError
+    when the wrapper patches them)."""
+
+    def __init__(self, name: str, fn: Callable[[nn.Module], Sequence[nn.Module]]):
+        self.name, self.fn = name, fn
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+        self.__wrapped__ = fn
+
+    def __call__(self, model: nn.Module) -> List[nn.Module]:
+        got = self.fn(model)
+        if isinstance(got, (nn.ModuleList, nn.Sequential)):
+            got = list(got)
+        what = (f"Adapter {self.name!r}: blocks(model) must return a sequence of torch.nn.Module "
+                "(the blocks of the stack, in the order the model runs them)")
+        if isinstance(got, (Tensor, str, bytes, nn.Module)) or not hasattr(got, "__iter__"):
+            hint = "; return [module] for a stack of one block" if isinstance(got, nn.Module) else ""
+            raise TypeError(f"{what}, got {_describe(got)}{hint}")
+        blocks = list(got)
+        for i, b in enumerate(blocks):
+            if not isinstance(b, nn.Module):
+                raise TypeError(f"{what}; item {i} is {_describe(b)}")
+        return blocks
+
+    def __eq__(self, other: Any) -> bool:
+        if isinstance(other, _CheckedBlocks):
+            return self.fn == other.fn
+        return self.fn == other
+
+    def __hash__(self) -> int:
+        return hash(self.fn)
+
+    def __repr__(self) -> str:
+        return f"checked({self.fn!r})"
+
+
+def check_adapter(adapter: Any) -> "Adapter":
+    """``adapter=`` of apply_teacache: an Adapter, or a clear error (a preset name
+    passed as adapter= is the common mistake)."""
+    if not isinstance(adapter, Adapter):
+        hint = (f"; to pick a preset by name use preset={adapter!r}"
+                if isinstance(adapter, str) else "")
+        raise TypeError(f"adapter must be a teacache_fast.models.Adapter (or None to pick the "
+                        f"preset by the model's class), got {type(adapter).__name__}{hint}")
+    return adapter
 
 
 @dataclass(frozen=True)
