@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .cache.config import TeaCacheConfig
 from .cache.stats import cache_bytes
-from .models.base import Adapter
+from .models.base import Adapter, check_adapter
 from .preset_json import load_preset_json, looks_like_preset_path
 from .wrapper import CachedModel
 from .wrapper.cached_model import DENOISERS, diffusers_cache_in_use
@@ -177,6 +177,8 @@ def _apply_one(model: nn.Module, pipeline: Any, config, threshold, preset, varia
         adapter = adapter_for(model, preset=preset, variant=variant)
     elif preset is not None or variant is not None:
         raise ValueError("pass either adapter= or preset=/variant=, not both")
+    else:
+        check_adapter(adapter)
     cfg = _build_config(model, adapter, config, threshold, fitted, overrides)
     if cfg.num_steps is None and pipeline is None:
         raise ValueError("num_steps is required (transformer calls per branch in one generation), "

@@ -271,7 +271,6 @@ def test_adapter_blocks_may_return_a_module_list(toy):
     assert dataclasses.replace(a, name="again").blocks.__wrapped__ is a.blocks.__wrapped__
 
 
-@pytest.mark.xfail(strict=True, reason="needs wrapper call: lead (check_adapter in apply_teacache)")
 def test_a_preset_name_given_as_adapter(toy):
     with pytest.raises(TypeError, match="adapter must be a teacache_fast.models.Adapter.*preset='flux'"):
         tf.apply_teacache(toy, adapter="flux", coefficients=[1.0, 0.0], num_steps=STEPS)
@@ -333,7 +332,6 @@ def test_tuple_blocks_with_the_right_output_index_run():
     assert st["computed"] >= 2
 
 
-@pytest.mark.xfail(strict=True, reason="needs wrapper call: lead (Adapter.check_output at the span end)")
 def test_a_wrong_output_index_is_named():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="output_index=0"):

@@ -90,8 +90,8 @@ class DeviceRunner:
         skipped = self.adapter.skip_output(BlockCall(original, args, kwargs, self.model))
         out = run_or_pass(br.compute, original, lambda *a, **k: skipped, *args, **kwargs)
         if ends_span:
-            stream = finish_span_(br.compute, self.adapter.output_stream(out), br.stream_in,
-                                  br.residual)
+            stream = finish_span_(br.compute, self.adapter.check_output(out, br.stream_in),
+                                  br.stream_in, br.residual)
             out = self.adapter.with_stream(out, stream)
         return out
 

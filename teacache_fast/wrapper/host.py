@@ -246,7 +246,7 @@ class HostRunner:
 
     def _finish(self, call: HostCall, out: Any) -> Any:
         """At the last block's output: capture or apply the residual on the stream."""
-        stream = self._finish_stream(call, self.adapter.output_stream(out))
+        stream = self._finish_stream(call, self.adapter.check_output(out, call.stream_in))
         if call.mode == SUBSET:
             out = refill_outputs(out, call.skip_out0, self.adapter.output_index, call.batch,
                                  len(call.compute_idx), call.index)
