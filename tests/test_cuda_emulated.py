@@ -368,7 +368,10 @@ def test_modulate_special_values(emu):
     x[0, 0, 5] = float("nan")   # a NaN row
     x[0, 1, :] = 0.0            # a zero row: norm(0) = 0
     x[0, 2, 3] = float("inf")   # an inf row
-    x[0, 3, :] = 1e30           # a constant huge row
+    # a constant huge row whose statistics stay finite (at 1e30 the squares of
+    # the mean's rounding residue overflow fp32 in one backend and not in the
+    # other: both then follow the NaN policy, see test_bad_input_regressions)
+    x[0, 3, :] = 1e15
     scale, shift = _params(B, C, torch.float32, 13, "bc"), _params(B, C, torch.float32, 14, "bc")
     for norm in NORMS:
         m = emu.modulate(x, scale, shift, norm)
