@@ -33,11 +33,51 @@ fp32. Hence:
 The payload is ``world_size x numel(partials)`` floats (8 bytes per state and
 rank): latency-bound, the same cost as an all-reduce of the same tensor.
 
+Agreement (:func:`agree_`, what the wrapper calls). The partials are not the
+only per-rank input of a decision: the force flag (forced steps, a missing
+residual) and the call's place in the schedule are decided on each rank, and
+ranks that disagree on them decide differently, which with sharded attention
+deadlocks. So the same all_gather carries, per rank, one float64 vector
+``[branch, step, num_steps, generation, batch, rows, force, num_0, den_0]``.
+An all_gather (not an all_reduce) because every rank then holds every
+rank's vector: it checks them all the same way, so every rank reaches the
+same verdict without a second round trip, and the error can name each
+rank's values. Verdicts:
+
+* branch, step, num_steps, batch or rows differ: RuntimeError on every rank,
+  before any rank runs the blocks (a different ``num_steps``, a ``reset()``
+  on one rank, different batch sizes are bugs of the caller's SPMD program;
+  computing would hide them and go on with ranks at different steps);
+* force differs: every rank computes (the OR). A force on one rank is a
+  local fact (its ret_steps, a residual it lacks); computing is always
+  safe, skipping is not where a rank has nothing to reuse;
+* generation differs alone: accepted (it only names the ranks' state in the
+  error: a ``reset()`` between two generations changes it harmlessly).
+
+Per-sample partials of B rows send rows 1.. in a second all_gather, issued
+only after the first agreed on B: an all_gather of mismatched sizes aborts
+gloo (SIGABRT) and hangs NCCL, so the size of every collective is agreed
+before it is issued. Without per_sample (the common case) the decision costs
+one collective of 9 floats per rank. The sync-free mode gathers
+``[step, force, num, den]`` on the device and never reads it on the host:
+the agreed force is "any rank forced, or the ranks' steps differ".
+
+Where the group comes from (:class:`GroupSource`). ``apply_teacache`` with
+no ``process_group`` on a diffusers model looks at
+``model._parallel_config.context_parallel_config._flattened_mesh`` at each
+decision (a few attribute reads; the group is cached per config object), so
+``enable_parallelism`` before or after ``apply_teacache`` both work; a given
+group must cover the same ranks; ``process_group=False`` opts out.
+
 Backends: on GPUs use NCCL, e.g. ``dist.init_process_group("nccl")`` or a
 group made with ``dist.new_group(ranks, backend="nccl")``; the partials stay
 on the device and the decision needs no host sync on the caller's side (NCCL
 runs on the current stream; ``dist.all_gather`` itself is enqueued, not
-waited on by the host). A gloo group also accepts CUDA tensors but stages
+waited on by the host). In host mode the gathered table is read once (the
+call's one sync; the fact header is a small host-to-device copy); in
+sync-free mode nothing is read. diffusers' context-parallel mesh is built on
+the default process group's backend: with ``init_process_group("nccl")`` it
+is NCCL and TeaCache uses it as is (untested here: no GPU). A gloo group also accepts CUDA tensors but stages
 them through host memory, which costs a device->host sync per step. On CPU
 use gloo. The collective runs eagerly: under ``torch.compile`` it is a graph
 break (the wrapper's default mode has one at the decision read anyway).

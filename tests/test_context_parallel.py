@@ -7,9 +7,14 @@ sequence is sharded over the ranks, attention is Ulysses all-to-all) and
 indicator partials over the model's context-parallel mesh, take the compute /
 skip pattern of the single-process run and end with its latents (within
 1e-5). Before the fix the ranks decided on their own shards, disagreed and
-deadlocked in the attention all-to-all. TeaCache applied before and after
-``enable_parallelism`` must both work. One spawn runs every scenario (each
-rank pays for importing torch and diffusers once); the parent checks.
+deadlocked in the attention all-to-all (ring attention: aborted on a
+collective size mismatch). TeaCache applied before and after
+``enable_parallelism`` must both work. Ring attention is not run: diffusers'
+ring path needs the attention's log-sum-exp, which only its CUDA backends
+return (native raises "Native attention does not support return_lse=True");
+the group lookup is the same flattened ("ring", "ulysses") mesh. One spawn
+runs every scenario (each rank pays for importing torch and diffusers once);
+the parent checks.
 """
 import datetime
 import os
