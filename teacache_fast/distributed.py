@@ -303,7 +303,8 @@ def _resolve(process_group, device):
     return check_process_group(process_group, device)
 
 
-def agree_(partials: Tensor, process_group=None, *, force=False, facts=None, step=None):
+def agree_(partials: Tensor, process_group=None, *, force=False, facts=None, step=None,
+           sync_free: bool = False):
     """Sum ``partials`` over the group in rank order (in place) and agree on the
     force flag; returns the agreed force.
 
@@ -321,7 +322,8 @@ def agree_(partials: Tensor, process_group=None, *, force=False, facts=None, ste
     once the first agreed on the row count (a batch mismatch raises instead
     of a gloo abort or an NCCL hang).
 
-    Sync-free mode (``force`` a 0-d bool tensor, or ``step`` given): the
+    Sync-free mode (``sync_free=True``; ``force`` a bool or a 0-d bool
+    tensor, ``step`` the call's device step or None): the
     message ``[step, force, num, den]`` is built and gathered on the device,
     nothing is read on the host; the agreed force is a 0-d bool tensor,
     true when any rank forced or the ranks' steps differ (a mismatch cannot
@@ -340,7 +342,7 @@ def agree_(partials: Tensor, process_group=None, *, force=False, facts=None, ste
     if group is None:
         return force
     world = dist.get_world_size(group)
-    if isinstance(force, torch.Tensor) or step is not None:
+    if sync_free:
         return _agree_device(partials, group, world, force, step)
     if world == 1:
         return force

@@ -104,10 +104,7 @@ def decide_with_partials(indicator: Tensor, prev: Tensor, state: Tensor,
     """
     partials = indicator_partials_(indicator, prev, scale=scale, shift=shift, norm=norm, eps=eps)
     if process_group is not None:
-        force = reduce_partials_(partials, process_group,
-                                 force=force if isinstance(force, Tensor) else bool(force),
-                                 step=step if step is not None else torch.full(
-                                     (), -1, dtype=torch.long, device=partials.device))
+        force = reduce_partials_(partials, process_group, force=force, step=step, sync_free=True)
     flag = ops.teacache_decide_(partials, state, coefficients, threshold, force=force,
                                 max_consecutive_skips=max_consecutive_skips)
     return flag, partials
