@@ -333,14 +333,14 @@ def agree_(partials: Tensor, process_group=None, *, force=False, facts=None, ste
     (:func:`combine_rank_partials`) of every rank's partials: the same bits
     on every rank.
     """
-    import torch.distributed as dist
-
-    if not isinstance(partials, torch.Tensor) or partials.dtype != torch.float32 \
-            or partials.dim() < 1 or partials.shape[-1] != 2:
-        raise ValueError("partials must be a float32 (..., 2) tensor (the sums of rel_l1_partials)")
+    if not isinstance(partials, torch.Tensor):
+        raise TypeError(f"partials must be a torch.Tensor, got {type(partials).__name__}")
     group = _resolve(process_group, partials.device)
-    if group is None:
+    if group is None:  # e.g. a diffusers model without context parallel: nothing to agree on
         return force
+    if partials.dtype != torch.float32 or partials.dim() < 1 or partials.shape[-1] != 2:
+        raise ValueError("partials must be a float32 (..., 2) tensor (the sums of rel_l1_partials)")
+    import torch.distributed as dist
     world = dist.get_world_size(group)
     if sync_free:
         return _agree_device(partials, group, world, force, step)

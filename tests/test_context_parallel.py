@@ -191,3 +191,18 @@ def test_remove_leaves_diffusers_sharding_intact(ranks, single, order):
         # still sharded: the blocks see half the tokens, the output is gathered whole
         assert seen == [tokens[0] // WORLD], (seen, tokens)
         torch.testing.assert_close(out, uncached, rtol=0, atol=1e-5)
+
+
+def test_no_parallel_config_needs_no_distributed():
+    """A diffusers model without context parallel: nothing to reduce over, and
+    torch.distributed need not be initialized (the single-process case)."""
+    from teacache_fast.distributed import GroupSource, group_source, model_cp_group
+    assert not dist.is_initialized()
+    tiny = _tiny()
+    assert model_cp_group(tiny.model) is None
+    assert group_source(tiny.model, False) is None
+    src = group_source(tiny.model, None)   # looked up again at every call
+    assert isinstance(src, GroupSource) and src.group() is None
+    assert group_source(torch.nn.Linear(2, 2), None) is None   # not a diffusers model: never
+    steps = _cached_run(tiny)[0]
+    assert any(steps) and not all(steps)
