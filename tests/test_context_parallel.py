@@ -107,6 +107,9 @@ def _worker(rank, init_file, out_dir):
         for name, tiny in (("after", after), ("before", before)):
             tf.remove_teacache(tiny.model)
             res[f"removed_{name}"] = _one_call(tiny)
+        # sync_free=True (the decision stays on the device): the same, no host read
+        res["sync_free"] = _cached_run(after, sync_free=True)
+        tf.remove_teacache(after.model)
         # a given group that covers the same ranks is accepted
         res["explicit"] = _cached_run(after, process_group=dist.group.WORLD)
         tf.remove_teacache(after.model)
@@ -135,6 +138,18 @@ def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cp")
     spawn_or_fail(_worker, (str(tmp / "init"), str(tmp)), timeout=240)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_cp_sync_free(ranks):
+    tiny = _tiny()
+    steps, rel_l1, latents = _cached_run(tiny, sync_free=True)
+    assert any(steps) and not all(steps), steps
+    for r in range(WORLD):
+        got_steps, got_rel, got_lat = ranks[r]["sync_free"]
+        assert got_steps == steps
+        torch.testing.assert_close(torch.tensor(got_rel[1:]), torch.tensor(rel_l1[1:]),
+                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(got_lat, latents, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
