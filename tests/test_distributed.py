@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from teacache_fast import ops, sync_free
-from teacache_fast.distributed import (allreduce_partials_, check_process_group,
+from teacache_fast.distributed import (agree_, allreduce_partials_, check_process_group,
                                        combine_rank_partials)
 
 WORLD = 2
@@ -44,11 +44,14 @@ def _inputs():
     return xs, scale, shift
 
 
-def _run(xs, scale, shift, per_sample, token_slice=slice(None), group=None, per_shard=None):
+def _run(xs, scale, shift, per_sample, token_slice=slice(None), group=None, per_shard=None,
+         agree=False):
     """The decision loop of one (possibly sharded) process.
 
-    group: all-reduce over it. per_shard: a list of token slices to emulate the
-    sharded arithmetic in one process (partials per shard, rank-order sum).
+    group: all-reduce over it (agree: with distributed.agree_, the wrapper's
+    path, force and facts included). per_shard: a list of token slices to
+    emulate the sharded arithmetic in one process (partials per shard,
+    rank-order sum).
     """
     n = len(xs)
     shards = per_shard or [token_slice]
@@ -60,9 +63,12 @@ def _run(xs, scale, shift, per_sample, token_slice=slice(None), group=None, per_
         parts = [ops.modulated_rel_l1_(x[:, s].contiguous(), scale, shift, p, per_sample=per_sample)
                  for s, p in zip(shards, prevs)]
         partials = combine_rank_partials(parts)
-        if group is not None:
-            allreduce_partials_(partials, group)
         force = i in (0, n - 1)
+        if group is not None and agree:
+            force = agree_(partials, group, force=force,
+                           facts=dict(branch=0, step=i, num_steps=n, generation=1, batch=B))
+        elif group is not None:
+            allreduce_partials_(partials, group)
         flags = ops.teacache_decide_(partials, state, COEFFS, THRESHOLD, force=force)
         partials_seq.append(partials.clone())
         flags_seq.append(flags.clone())
@@ -109,6 +115,8 @@ def _worker(rank, init_file, out_dir, xs, scale, shift):
         for per_sample in (False, True):
             result[per_sample] = _run(xs, scale, shift, per_sample, token_slice=mine,
                                       group=dist.group.WORLD)
+            result["agree", per_sample] = _run(xs, scale, shift, per_sample, token_slice=mine,
+                                               group=dist.group.WORLD, agree=True)
         result["model"] = _model_runs(mine, dist.group.WORLD)
         result["sync_free"] = _sync_free_flags(xs, scale, shift, mine, dist.group.WORLD)
         # Errors that need an initialized group: a device gloo cannot carry.
@@ -161,6 +169,12 @@ def test_sharded_decisions_match_single_process(rank_results):
         p_emul, f_emul = _run(xs, scale, shift, per_sample, per_shard=shards)
         assert torch.equal(p0.view(torch.int32), p_emul.view(torch.int32))
         assert torch.equal(f0, f_emul)
+        # the wrapper's path (agree_: force and facts travel along; per sample,
+        # rows 1.. in a second gather) gives the same bits on every rank
+        for r in range(WORLD):
+            pa, fa = results[r]["agree", per_sample]
+            assert torch.equal(pa.view(torch.int32), p_emul.view(torch.int32))
+            assert torch.equal(fa, f_emul)
         # The unsharded run: partials to fp32 rounding, decisions identical.
         p_full, f_full = _run(xs, scale, shift, per_sample)
         torch.testing.assert_close(p0, p_full, rtol=1e-6, atol=0)
