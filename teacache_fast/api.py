@@ -143,7 +143,12 @@ def apply_teacache(module: Any, config: Optional[TeaCacheConfig] = None, *,
     parallel): the indicator's partial sums are added over it before every
     decision, so all ranks take bitwise the same decision (see
     teacache_fast.distributed; NCCL groups for CUDA activations, gloo for
-    CPU). None: no communication. Returns the transformer.
+    CPU), and the ranks agree on the forced steps and check they are at the
+    same step (a mismatch raises on every rank). None: the group of the
+    model's diffusers context-parallel config when it has one (found at each
+    call, so ``enable_parallelism`` may come before or after), else no
+    communication; a given group must cover the same ranks as that config.
+    False: no communication even then. Returns the transformer.
     """
     targets = _targets(module)
     done: List[nn.Module] = []
@@ -183,10 +188,11 @@ def _apply_one(model: nn.Module, pipeline: Any, config, threshold, preset, varia
     if cfg.num_steps is None and pipeline is None:
         raise ValueError("num_steps is required (transformer calls per branch in one generation), "
                          "unless apply_teacache is given the pipeline")
-    if process_group is not None:
-        from .distributed import check_process_group
+    from .distributed import check_process_group, group_source
+    if process_group is not None and process_group is not False:
         check_process_group(process_group, _model_device(model))
-    cached = CachedModel(model, adapter, cfg, pipeline=pipeline, process_group=process_group)
+    cached = CachedModel(model, adapter, cfg, pipeline=pipeline,
+                         process_group=group_source(model, process_group))
     model.__dict__[_ATTR] = cached
     try:
         cached.install()

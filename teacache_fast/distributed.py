@@ -33,23 +33,64 @@ fp32. Hence:
 The payload is ``world_size x numel(partials)`` floats (8 bytes per state and
 rank): latency-bound, the same cost as an all-reduce of the same tensor.
 
+Agreement (:func:`agree_`, what the wrapper calls). The partials are not the
+only per-rank input of a decision: the force flag (forced steps, a missing
+residual) and the call's place in the schedule are decided on each rank, and
+ranks that disagree on them decide differently, which with sharded attention
+deadlocks. So the same all_gather carries, per rank, one float64 vector
+``[branch, step, num_steps, generation, batch, rows, force, num_0, den_0]``.
+An all_gather (not an all_reduce) because every rank then holds every
+rank's vector: it checks them all the same way, so every rank reaches the
+same verdict without a second round trip, and the error can name each
+rank's values. Verdicts:
+
+* branch, step, num_steps, batch or rows differ: RuntimeError on every rank,
+  before any rank runs the blocks (a different ``num_steps``, a ``reset()``
+  on one rank, different batch sizes are bugs of the caller's SPMD program;
+  computing would hide them and go on with ranks at different steps);
+* force differs: every rank computes (the OR). A force on one rank is a
+  local fact (its ret_steps, a residual it lacks); computing is always
+  safe, skipping is not where a rank has nothing to reuse;
+* generation differs alone: accepted (it only names the ranks' state in the
+  error: a ``reset()`` between two generations changes it harmlessly).
+
+Per-sample partials of B rows send rows 1.. in a second all_gather, issued
+only after the first agreed on B: an all_gather of mismatched sizes aborts
+gloo (SIGABRT) and hangs NCCL, so the size of every collective is agreed
+before it is issued. Without per_sample (the common case) the decision costs
+one collective of 9 floats per rank. The sync-free mode gathers
+``[step, force, num, den]`` on the device and never reads it on the host:
+the agreed force is "any rank forced, or the ranks' steps differ".
+
+Where the group comes from (:class:`GroupSource`). ``apply_teacache`` with
+no ``process_group`` on a diffusers model looks at
+``model._parallel_config.context_parallel_config._flattened_mesh`` at each
+decision (a few attribute reads; the group is cached per config object), so
+``enable_parallelism`` before or after ``apply_teacache`` both work; a given
+group must cover the same ranks; ``process_group=False`` opts out.
+
 Backends: on GPUs use NCCL, e.g. ``dist.init_process_group("nccl")`` or a
 group made with ``dist.new_group(ranks, backend="nccl")``; the partials stay
 on the device and the decision needs no host sync on the caller's side (NCCL
 runs on the current stream; ``dist.all_gather`` itself is enqueued, not
-waited on by the host). A gloo group also accepts CUDA tensors but stages
+waited on by the host). In host mode the gathered table is read once (the
+call's one sync; the fact header is a small host-to-device copy); in
+sync-free mode nothing is read. diffusers' context-parallel mesh is built on
+the default process group's backend: with ``init_process_group("nccl")`` it
+is NCCL and TeaCache uses it as is (untested here: no GPU). A gloo group also accepts CUDA tensors but stages
 them through host memory, which costs a device->host sync per step. On CPU
 use gloo. The collective runs eagerly: under ``torch.compile`` it is a graph
 break (the wrapper's default mode has one at the decision read anyway).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_process_group", "allreduce_partials_", "combine_rank_partials"]
+__all__ = ["check_process_group", "allreduce_partials_", "combine_rank_partials", "agree_",
+           "GroupSource", "group_source", "model_cp_group", "FACTS", "CHECKED_FACTS"]
 
 # Device types each known c10d backend can move tensors of. Backends not listed
 # (custom or future ones) are trusted rather than rejected.
@@ -152,3 +193,218 @@ def allreduce_partials_(partials: Tensor, process_group=None) -> Tensor:
     dist.all_gather(gathered, mine, group=group)
     partials.copy_(combine_rank_partials(gathered))
     return partials
+
+
+# ---------------------------------------------------------------- where the group comes from
+
+def model_cp_group(model) -> Optional["torch.distributed.ProcessGroup"]:
+    """The context-parallel group of a diffusers model, or None.
+
+    diffusers' ``ModelMixin.enable_parallelism(config=ContextParallelConfig(...))``
+    (or ``from_pretrained(..., parallel_config=...)``) records a
+    ``ParallelConfig`` on ``model._parallel_config``; its context-parallel
+    config holds the flattened ``("ring", "ulysses")`` mesh over which the
+    sequence is sharded: every rank of it holds a token shard of the same
+    call. Read by attribute only (diffusers is not imported); None for a model
+    without one (no diffusers model, no parallelism, tensor parallel only).
+    """
+    config = getattr(model, "_parallel_config", None)
+    cp = getattr(config, "context_parallel_config", None)
+    mesh = getattr(cp, "_flattened_mesh", None)
+    return None if mesh is None else mesh.get_group()
+
+
+def _ranks(group) -> List[int]:
+    import torch.distributed as dist
+    return list(dist.get_process_group_ranks(group))
+
+
+class GroupSource:
+    """The sequence-parallel group of one cached model, resolved at each decision.
+
+    given: the ``process_group=`` of ``apply_teacache`` (None: none given).
+    When the model carries a diffusers context-parallel config, its group is
+    used (looked up again whenever the config object changes, so applying
+    TeaCache before or after ``enable_parallelism`` both work); a given group
+    must then cover the same ranks, else ValueError. Without such a config the
+    given group (or None: no communication) is used.
+    """
+
+    __slots__ = ("model", "given", "_config", "_group", "_checked")
+
+    def __init__(self, model, given=None):
+        self.model, self.given = model, given
+        self._config = None      # the context-parallel config the cached group came from
+        self._group = given
+        self._checked = set()    # device types check_process_group passed for
+
+    def group(self) -> Optional["torch.distributed.ProcessGroup"]:
+        config = getattr(self.model, "_parallel_config", None)
+        cp = getattr(config, "context_parallel_config", None)
+        if cp is self._config:
+            return self._group
+        found = model_cp_group(self.model)
+        if found is not None and self.given is not None and _ranks(self.given) != _ranks(found):
+            raise ValueError(
+                f"process_group covers ranks {_ranks(self.given)}, but {type(self.model).__name__}'s "
+                f"diffusers context-parallel mesh shards the sequence over ranks {_ranks(found)}: "
+                "pass its group, or nothing (TeaCache takes it from the model), or "
+                "process_group=False to decide on each rank's own shard")
+        self._config, self._checked = cp, set()
+        self._group = found if found is not None else self.given
+        return self._group
+
+    def checked(self, device: torch.device) -> Optional["torch.distributed.ProcessGroup"]:
+        """:meth:`group`, validated for tensors on ``device`` (once per group and device type)."""
+        group = self.group()
+        if group is not None and device.type not in self._checked:
+            check_process_group(group, device)
+            self._checked.add(device.type)
+        return group
+
+
+def group_source(model, process_group=None) -> Optional[GroupSource]:
+    """What ``apply_teacache(model, process_group=...)`` reduces over.
+
+    False: nothing (opt out, even with a diffusers context-parallel config).
+    None: the model's diffusers context-parallel group, found at each
+    decision; None is returned for a model that cannot have one (no
+    ``_parallel_config`` attribute), so those pay nothing. A group: that
+    group, checked against the model's context-parallel group if it has one.
+    Raises as :meth:`GroupSource.group` at install when the model already
+    has a context-parallel config.
+    """
+    if process_group is False:
+        return None
+    if process_group is None and not hasattr(model, "_parallel_config"):
+        return None
+    source = GroupSource(model, process_group)
+    source.group()
+    return source
+
+
+# ---------------------------------------------------------------- agreement
+
+# The facts of a call that travel with its partials, in this order (host mode).
+# Every fact but "generation" must be equal on every rank: they say which call
+# of which schedule this is, and the shapes of the partials. The generation
+# count only names the ranks' states in the error (a reset() on one rank
+# between two generations changes it and is harmless; one inside a generation
+# moves that rank's step, which is checked).
+FACTS = ("branch", "step", "num_steps", "generation", "batch", "rows")
+CHECKED_FACTS = tuple(f for f in FACTS if f != "generation")
+_FORCE = len(FACTS)          # message slot of the force flag; the first partials row follows
+_HEADER = len(FACTS) + 1
+
+
+def _resolve(process_group, device):
+    if isinstance(process_group, GroupSource):
+        return process_group.checked(device)
+    return check_process_group(process_group, device)
+
+
+def agree_(partials: Tensor, process_group=None, *, force=False, facts=None, step=None,
+           sync_free: bool = False):
+    """Sum ``partials`` over the group in rank order (in place) and agree on the
+    force flag; returns the agreed force.
+
+    Host mode (``force`` a Python bool): one ``all_gather`` of one small
+    float64 vector per rank, ``[*facts, force, num_0, den_0]`` (``facts``: a
+    dict over :data:`FACTS`; float64 carries both the integers and the fp32
+    partials exactly). Every rank then holds every rank's message and checks
+    it the same way, so a disagreement raises the same RuntimeError on every
+    rank (naming each rank's values) before any rank enters the blocks: no
+    hang and no collective of mismatched sizes. The agreed force is the OR
+    of the ranks' flags (a force on one rank only, e.g. a rank without a
+    residual of this shape, makes every rank compute: the safe choice, never
+    a skip that some rank cannot do). Partials of more than one row (per
+    sample) send their remaining rows in a second ``all_gather``, issued only
+    once the first agreed on the row count (a batch mismatch raises instead
+    of a gloo abort or an NCCL hang).
+
+    Sync-free mode (``sync_free=True``; ``force`` a bool or a 0-d bool
+    tensor, ``step`` the call's device step or None): the
+    message ``[step, force, num, den]`` is built and gathered on the device,
+    nothing is read on the host; the agreed force is a 0-d bool tensor,
+    true when any rank forced or the ranks' steps differ (a mismatch cannot
+    raise without a host read, so every rank computes instead).
+
+    Either way the partials end as the rank-order sum
+    (:func:`combine_rank_partials`) of every rank's partials: the same bits
+    on every rank.
+    """
+    if not isinstance(partials, torch.Tensor):
+        raise TypeError(f"partials must be a torch.Tensor, got {type(partials).__name__}")
+    group = _resolve(process_group, partials.device)
+    if group is None:  # e.g. a diffusers model without context parallel: nothing to agree on
+        return force
+    if partials.dtype != torch.float32 or partials.dim() < 1 or partials.shape[-1] != 2:
+        raise ValueError("partials must be a float32 (..., 2) tensor (the sums of rel_l1_partials)")
+    import torch.distributed as dist
+    world = dist.get_world_size(group)
+    if sync_free:
+        return _agree_device(partials, group, world, force, step)
+    if world == 1:
+        return force
+    rows = partials.reshape(-1, 2)
+    values = dict(facts or {})
+    values.setdefault("rows", rows.shape[0])
+    head = [float(values.get(f, -1)) for f in FACTS] + [float(bool(force))]
+    msg = torch.cat([torch.tensor(head, dtype=torch.float64, device=partials.device),
+                     rows[0].to(torch.float64)])
+    gathered = [torch.empty_like(msg) for _ in range(world)]
+    dist.all_gather(gathered, msg, group=group)
+    table = torch.stack(gathered).cpu()
+    _check_agreement(table[:, :_HEADER].tolist(), dist.get_rank(group))
+    agreed = bool(table[:, _FORCE].any())
+    firsts = [g[_HEADER:].to(torch.float32) for g in gathered]
+    if rows.shape[0] == 1:
+        per_rank = firsts
+    else:  # sizes agreed by the first message
+        rest = rows[1:].contiguous()
+        more = [torch.empty_like(rest) for _ in range(world)]
+        dist.all_gather(more, rest, group=group)
+        per_rank = [torch.cat([f.reshape(1, 2), m]) for f, m in zip(firsts, more)]
+    partials.copy_(combine_rank_partials(per_rank).reshape(partials.shape))
+    return agreed
+
+
+def _check_agreement(headers: List[List[float]], me: int) -> None:
+    """Raise (on every rank alike) when the ranks' facts differ."""
+    bad = [i for i, f in enumerate(FACTS) if f in CHECKED_FACTS
+           and len({h[i] for h in headers}) > 1]
+    if not bad:
+        return
+    def table(i):
+        return ", ".join(f"rank {r}: {int(h[i])}" for r, h in enumerate(headers))
+    what = "; ".join(f"{FACTS[i]} ({table(i)})" for i in bad)
+    gen = FACTS.index("generation")
+    raise RuntimeError(
+        f"TeaCache sequence parallel: the ranks of the process group disagree on {what} "
+        f"(generation: {table(gen)}; this is rank {me} of the group; ranks are group ranks). "
+        "Every rank must make the same transformer calls with the same schedule: the same "
+        "num_steps, reset() on every rank or none, the same batch size, the same per_sample. "
+        "No rank ran the blocks for this call")
+
+
+def _agree_device(partials: Tensor, group, world: int, force, step) -> Tensor:
+    """Sync-free agreement: everything stays on the device (see :func:`agree_`)."""
+    import torch.distributed as dist
+
+    dev = partials.device
+    if not isinstance(force, torch.Tensor):
+        force = torch.full((), bool(force), dtype=torch.bool, device=dev)
+    if world == 1:
+        return force
+    if partials.numel() != 2:
+        raise ValueError(f"sync-free partials must have shape (2,), got {tuple(partials.shape)}")
+    s = (step.reshape(1).to(torch.float32) if isinstance(step, torch.Tensor)
+         else torch.full((1,), -1.0 if step is None else float(step), device=dev))
+    msg = torch.cat([s.to(dev), force.reshape(1).to(device=dev, dtype=torch.float32),
+                     partials.reshape(2)])
+    gathered = [torch.empty_like(msg) for _ in range(world)]
+    dist.all_gather(gathered, msg, group=group)
+    partials.copy_(combine_rank_partials([g[2:] for g in gathered]).reshape(partials.shape))
+    table = torch.stack(gathered)
+    steps = table[:, 0]
+    return (table[:, 1].amax() > 0) | (steps.amax() != steps.amin())

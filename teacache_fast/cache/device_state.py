@@ -97,10 +97,16 @@ def decide_with_partials(indicator: Tensor, prev: Tensor, state: Tensor,
                          coefficients: Sequence[float], threshold: float, *, force=False,
                          scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
                          norm: Optional[str] = "layer", eps: float = 1e-6,
-                         max_consecutive_skips: Optional[int] = None, process_group=None):
-    """:func:`decide`, also returning the fp32 ``(2,)`` partials (for a trace)."""
+                         max_consecutive_skips: Optional[int] = None, process_group=None,
+                         step: Optional[Tensor] = None):
+    """:func:`decide`, also returning the fp32 ``(2,)`` partials (for a trace).
+
+    With a process_group the force flag is agreed on the device (any rank's
+    force, or ranks at different ``step`` s, make every rank compute).
+    """
     partials = indicator_partials_(indicator, prev, scale=scale, shift=shift, norm=norm, eps=eps)
-    reduce_partials_(partials, process_group)
+    if process_group is not None:
+        force = reduce_partials_(partials, process_group, force=force, step=step, sync_free=True)
     flag = ops.teacache_decide_(partials, state, coefficients, threshold, force=force,
                                 max_consecutive_skips=max_consecutive_skips)
     return flag, partials

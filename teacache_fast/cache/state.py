@@ -52,13 +52,26 @@ def indicator_partials_(x: Tensor, prev: Tensor, *, scale: Optional[Tensor] = No
     return ops.modulated_rel_l1_(x, scale, shift, prev, norm, eps, per_sample)
 
 
-def reduce_partials_(partials: Tensor, process_group: Any) -> Tensor:
+def reduce_partials_(partials: Tensor, process_group: Any, *, force=False,
+                     facts: Optional[Dict[str, int]] = None, step: Optional[Tensor] = None,
+                     sync_free: bool = False):
     """Sum the partials over a sequence-parallel group (in place), in rank
-    order, so every rank holds the same bits and takes the same decision."""
-    if process_group is not None:
-        from ..distributed import allreduce_partials_
-        allreduce_partials_(partials, process_group)
-    return partials
+    order, so every rank holds the same bits; agree on the force flag and
+    check the call's facts (step, schedule, shapes) across the ranks.
+
+    process_group: None (no communication), a ProcessGroup, or the
+    ``GroupSource`` that apply_teacache made (a diffusers context-parallel
+    group found at each call). Returns the agreed force: ``force`` itself
+    without a group; else the OR over the ranks. A disagreement on the
+    facts raises on every rank (host mode); sync_free=True agrees on the
+    device without a host read (the force a 0-d bool tensor, ``step`` the
+    call's device step). See teacache_fast.distributed.agree_.
+    """
+    if process_group is None:
+        return force
+    from ..distributed import agree_
+    return agree_(partials, process_group, force=force, facts=facts, step=step,
+                  sync_free=sync_free)
 
 
 class BranchState:

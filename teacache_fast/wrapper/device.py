@@ -155,7 +155,7 @@ class DeviceRunner:
         compute, partials = decide_with_partials(
             x, br.prev, br.state, cfg.coefficients, cfg.threshold, force=forced,
             max_consecutive_skips=cfg.max_consecutive_skips, process_group=self.process_group,
-            **how)
+            step=step, **how)
         br.record(step, compute, partials)
         br.compute, br.stream_in = compute, stream
 

@@ -183,10 +183,13 @@ class HostRunner:
         if cfg.per_sample and partials.shape[0] != stream.shape[0]:
             raise RuntimeError(f"per_sample=True: the indicator has batch {partials.shape[0]} but "
                                f"the hidden states have batch {stream.shape[0]}")
-        reduce_partials_(partials, self.process_group)
+        forced = cfg.forced(tick.step, tick.num_steps, self.adapter.forced) or bs.must_compute(stream)
+        if self.process_group is not None:  # sequence parallel: same partials, force, facts
+            forced = reduce_partials_(partials, self.process_group, force=forced, facts=dict(
+                branch=tick.branch, step=tick.step, num_steps=tick.num_steps,
+                generation=self.state.generations, batch=stream.shape[0]))
         rows = partials.reshape(-1, 2).tolist()   # the one host read of this call
-        forced = cfg.forced(tick.step, tick.num_steps, self.adapter.forced)
-        flags = bs.decide(tick.step, rows, cfg, force=forced or bs.must_compute(stream))
+        flags = bs.decide(tick.step, rows, cfg, force=forced)
         self._check_estimate(bs, tick.step)
         if len(flags) == 1:
             flags = flags * stream.shape[0]   # one decision for the whole batch
