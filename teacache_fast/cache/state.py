@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .clock import CallClock, Tick
+from .clock import CallClock, CallContext, Tick
 from .config import TeaCacheConfig
 from .decision import HostDecision
 
@@ -165,11 +165,19 @@ class CacheState:
     def generations(self) -> int:
         return self.clock.generations
 
-    def begin_call(self, timestep: Any, signature: Any) -> Tick:
-        """Place a call on the clock; a new generation drops every branch."""
-        tick = self.clock.next_call(timestep, signature)
+    @property
+    def restarts(self) -> Dict[str, int]:
+        return dict(self.clock.restarts)
+
+    def begin_call(self, timestep: Any, signature: Any, context: Optional[CallContext] = None,
+                   inputs: Sequence[Any] = ()) -> Tick:
+        """Place a call on the clock; a new generation drops every branch, a
+        branch whose shapes changed is dropped alone."""
+        tick = self.clock.next_call(timestep, signature, context, inputs)
         if tick.restarted is not None:
             self._drop()
+        elif tick.fresh:
+            self.branches.pop(tick.branch, None)
         self.calls += 1
         return tick
 
@@ -180,8 +188,12 @@ class CacheState:
 
     def restart(self) -> None:
         """A new generation now (``teacache_fast.reset``)."""
-        self.clock.restart()
+        self.clock.restart("reset")
         self._drop()
+
+    def abandon(self) -> None:
+        """A call raised: its generation ends, the next call starts a new one."""
+        self.clock.abandon("call raised")
 
     def _drop(self) -> None:
         self.branches = {}

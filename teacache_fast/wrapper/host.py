@@ -15,6 +15,7 @@ adapters whose code between blocks mixes the batch).
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -37,11 +38,12 @@ class HostCall:
     """One transformer call: its arguments; its branch, step and mode once the
     first block ran the host region."""
 
-    __slots__ = ("args", "kwargs", "branch", "state", "step", "mode", "captured", "stream_in",
-                 "partials", "flags", "compute_idx", "batch", "skip_out0", "_idx")
+    __slots__ = ("args", "kwargs", "context", "branch", "state", "step", "mode", "captured",
+                 "stream_in", "partials", "flags", "compute_idx", "batch", "skip_out0", "_idx")
 
-    def __init__(self, args: tuple, kwargs: dict):
+    def __init__(self, args: tuple, kwargs: dict, context: Any = None):
         self.args, self.kwargs = args, kwargs
+        self.context = context          # a cache.clock.CallContext when the pipeline gave one
         self.branch = 0
         self.state: Optional[BranchState] = None
         self.step = 0
@@ -75,17 +77,29 @@ class HostRunner:
         self._host_decide = host_only(self._host_decide)
         self._observe = host_only(self._observe)
         self._fast_skip = adapter.passthrough is None   # a skipped block returns its stream
+        self._busy = threading.Lock()
 
     # ------------------------------------------------------------ events
 
     def model_call(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
         # branch and step are placed at the first block, in the host region:
         # here, under torch.compile, they would be guarded on (a graph per step)
+        eager = not torch.compiler.is_compiling()
+        if eager and not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                f"TeaCache: this {type(self.model).__name__} is already running a call (from "
+                "another thread, or nested): a cached model holds the state of one call at a time. "
+                "Call it from one thread at a time, or give each thread its own model copy")
         self.call = HostCall(args, kwargs)
         try:
             return forward(*args, **kwargs)
+        except BaseException:
+            self.state.abandon()   # an interrupted generation: the next call starts afresh
+            raise
         finally:
             self.call = None
+            if eager:
+                self._busy.release()
 
     def block(self, index: int, ends_span: bool, original: Callable, args: tuple, kwargs: dict):
         call = self.call
@@ -168,7 +182,8 @@ class HostRunner:
                                f"the hidden states have batch {stream.shape[0]}")
         reduce_partials_(partials, self.process_group)
         rows = partials.reshape(-1, 2).tolist()   # the one host read of this call
-        forced = cfg.forced(tick.step, tick.num_steps, self.adapter.forced)
+        forced = cfg.forced(tick.step, tick.num_steps, self.adapter.forced) or (
+            tick.shadow is not None and cfg.forced(tick.shadow, tick.num_steps, self.adapter.forced))
         flags = bs.decide(tick.step, rows, cfg, force=forced or bs.must_compute(stream))
         if len(flags) == 1:
             flags = flags * stream.shape[0]   # one decision for the whole batch
@@ -191,9 +206,15 @@ class HostRunner:
         # a call by keywords only needs no binding (diffusers pipelines call so)
         bound = call.kwargs if not call.args else _bind(self.model_signature, call.args, call.kwargs)
         t_arg = bound.get(self.adapter.timestep_arg) if self.adapter.timestep_arg else None
-        signature = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in bound.items()
-                          if isinstance(v, Tensor))
-        tick = self.state.begin_call(t_arg, signature)
+        tensors = [(k, v) for k, v in bound.items() if isinstance(v, Tensor)]
+        signature = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in tensors)
+        # the latents first: CFG branches of a step are told apart from a
+        # restarted run by sharing them (cache/clock.py)
+        latents = bound.get("hidden_states")
+        inputs = [v for _, v in tensors]
+        if isinstance(latents, Tensor):
+            inputs = [latents] + [v for v in inputs if v is not latents]
+        tick = self.state.begin_call(t_arg, signature, call.context, inputs)
         call.branch, call.step, call.state = tick.branch, tick.step, self.state.branch(tick.branch)
         return tick
 
@@ -236,7 +257,7 @@ class HostRunner:
                                     rel_l1=rel_l1_from_rows(b.partials))
                     for i, b in st.branches.items()}
         return summary(branches, calls=st.calls, num_steps=st.num_steps,
-                       generations=st.generations)
+                       generations=st.generations, restarts=st.restarts)
 
     def tensors(self) -> List[Tensor]:
         return list(self.state.tensors())
