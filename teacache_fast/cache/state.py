@@ -75,6 +75,10 @@ class BranchState:
         self.steps: List[bool] = []                  # per call: computed (all samples)?
         self.partials: Dict[int, List[List[float]]] = {}  # step -> the host rows read
 
+    def refresh(self) -> None:
+        """Drop the buffers (the shapes changed; the next call computes), keep the counters."""
+        self.prev = self.decision = self.residual = None
+
     # ------------------------------------------------------------ indicator + decision
 
     def partials_(self, x: Tensor, how: Dict[str, Any], per_sample: bool) -> Tensor:
@@ -176,8 +180,8 @@ class CacheState:
         tick = self.clock.next_call(timestep, signature, context, inputs)
         if tick.restarted is not None:
             self._drop()
-        elif tick.fresh:
-            self.branches.pop(tick.branch, None)
+        elif tick.fresh and tick.branch in self.branches:
+            self.branches[tick.branch].refresh()
         self.calls += 1
         return tick
 
