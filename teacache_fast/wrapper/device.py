@@ -186,10 +186,11 @@ class DeviceRunner:
         if any(bool(br.schedule.repeat_seen) for br in self.branches):
             self._warned = True
             warnings.warn(
-                f"TeaCache sync_free=True on {type(self.model).__name__}: two calls shared the "
-                f"first timestep on one branch state (branches={len(self.branches)}): CFG with "
-                "separate cond/uncond calls needs apply_teacache(..., branches=2). Those "
-                "generations were computed in full (no skip)", RuntimeWarning, stacklevel=3)
+                f"TeaCache sync_free=True on {type(self.model).__name__}: a generation's second "
+                f"call had its first call's timestep on one branch state (branches="
+                f"{len(self.branches)}): CFG with separate cond/uncond calls needs "
+                "apply_teacache(..., branches=2) (or it followed a run stopped after one call). "
+                "That generation was computed in full (no skip)", RuntimeWarning, stacklevel=3)
 
     def stats(self) -> Dict[str, Any]:
         """The device counters and traces, read now."""
