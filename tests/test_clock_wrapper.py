@@ -160,6 +160,26 @@ def test_item2_cfg_truncation_without_a_pipeline(tiny):
     assert torch.equal(out, expected)
 
 
+def test_item2_branches_given_when_each_branch_gets_its_own_latents(tiny):
+    """A loop that copies the latents for each branch: learning cannot tell its
+    uncond call from a restart, branches=2 says it (round robin)."""
+    x0 = tiny.latents(1)
+    copies = [tiny_flux(0), tiny_flux(0)]
+    for c in copies:
+        tf.apply_teacache(c.model, threshold=0.5, num_steps=STEPS)
+    expected = _truncated_cfg(lambda x, t: copies[0].call(x.clone(), t, 0),
+                              lambda x, t: copies[1].call(x.clone(), t, 1), x0, trunc=STEPS)
+    want = {b: _pattern(tf.stats(c.model))[0] for b, c in enumerate(copies)}
+    with tf.teacache(tiny.model, threshold=0.5, num_steps=STEPS, branches=2):
+        tiny.call(tiny.latents(1, seed=3), torch.ones(1), 0)   # a warm-up, then tf.reset
+        tf.reset(tiny.model)
+        out = _truncated_cfg(lambda x, t: tiny.call(x.clone(), t, 0),
+                             lambda x, t: tiny.call(x.clone(), t, 1), x0, trunc=STEPS)
+        st = tf.stats(tiny.model)
+    assert _pattern(st) == want and "." in want[0]
+    assert torch.equal(out, expected)
+
+
 def test_item3_two_threads_get_a_clear_error_never_a_wrong_result(tiny):
     """The second concurrent call raises at once; the first is unaffected."""
     x, t = tiny.latents(1), torch.ones(1)

@@ -48,7 +48,9 @@ schedule counting up, as Lumina's)                     second rise adopts the ri
 a call at the first step's timestep with other         ambiguous: new generation (``first step
 latents (first tensor argument) than the step's        repeated``): a warm-up or a run stopped
 first call, or repeating one of its calls (every       after its first step (CFG branches of a
-tensor argument the same object)                       step get the same latents tensor)
+tensor argument the same object); with                 step get the same latents tensor; a loop
+``branches=N``: after N calls at it, or a repeat       that gives each branch its own copy
+                                                       needs ``branches=N`` or a cache_context)
 a branch ``b > 0`` whose timestep differs from its     the step ended early (CFG truncation):
 step's first call                                      branch 0 of the next step
 the step count would reach ``num_steps``               new generation (``schedule wrapped``)
@@ -325,10 +327,12 @@ class CallClock:
 
     def _repeated_first_step(self, inputs: Sequence[Any]) -> bool:
         """At the first step's timestep: other latents, or a call repeated."""
+        if self.fixed is not None and self.in_step >= self.fixed:
+            return True   # the first step is complete: a call at its timestep starts anew
         if not inputs or not self.step_inputs:
             return False
-        if not _same(self.step_inputs[0][0], inputs[0]):
-            return True
+        if self.fixed is None and not _same(self.step_inputs[0][0], inputs[0]):
+            return True   # with branches=N given, the calls of a step go round robin
         return any(len(refs) == len(inputs) and all(_same(r, v) for r, v in zip(refs, inputs))
                    for refs in self.step_inputs)
 
