@@ -152,6 +152,11 @@ class FluxHarness:
                               indexing="ij")
         self.img_ids = torch.stack(grid, -1).reshape(16, 3)
         self.boom = False
+        self.model.proj_out.register_forward_hook(self._maybe_raise)   # inside the call
+
+    def _maybe_raise(self, module, inputs, output):
+        if self.boom and module is self.model.proj_out and not getattr(self, "_in_reference", False):
+            raise Boom("raised inside the call")
 
     def apply(self, threshold, num_steps):
         tf.apply_teacache(self.model, coefficients=COEFFS, threshold=threshold, num_steps=num_steps)
@@ -166,13 +171,14 @@ class FluxHarness:
                     timestep=torch.full((b,), t), img_ids=self.img_ids, txt_ids=self.txt_ids)
 
     def call(self, x, t, branch):
-        out = self.model(**self._kwargs(x, t, branch), return_dict=False)[0]
-        if self.boom:
-            raise Boom("raised inside the call")
-        return out
+        return self.model(**self._kwargs(x, t, branch), return_dict=False)[0]
 
     def reference(self, state, x, t, branch):
-        out = reference_flux_call(self.model, state, **self._kwargs(x, t, branch))
+        self._in_reference = True
+        try:
+            out = reference_flux_call(self.model, state, **self._kwargs(x, t, branch))
+        finally:
+            self._in_reference = False
         if self.boom:
             raise Boom("raised inside the call")
         return out
