@@ -251,3 +251,53 @@ def test_two_pipelines_sharing_a_scheduler_remove_independently():
     with tf.teacache(fresh_b, threshold=0.5):
         assert torch.equal(fresh_b(x0, STEPS), out)
         assert tf.stats(fresh_b)["branches"] == st
+
+
+@pytest.mark.parametrize("with_steps", [False, True])
+def test_cache_context_names_keep_branches_apart(with_steps):
+    """A pipeline that runs uncond before cond and stops uncond part-way: the
+    cache_context names (and step_index when given) place every call, so each
+    branch equals an independent cache on its own copy of the model."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    tiny, n, trunc, g = tiny_flux(0), STEPS, 5, 3.0
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    x0 = tiny.latents(1)
+
+    def generate(call_uncond, call_cond):
+        sched.set_timesteps(n)
+        x = x0.clone()
+        for i, t in enumerate(sched.timesteps):
+            ts = (t / 1000).expand(1)
+            kw = dict(step_index=i, num_inference_steps=n) if with_steps else {}
+            v = vu = None
+            if i < trunc:
+                vu = call_uncond(x, ts, kw)
+            v = call_cond(x, ts, kw)
+            if vu is not None:
+                v = vu + g * (v - vu)
+            x = sched.step(v, t, x, return_dict=False)[0]
+        return x
+
+    def in_context(model, name, branch, tiny_):
+        def call(x, ts, kw):
+            with model.cache_context(name, **kw):
+                return tiny_.call(x, ts, branch)
+        return call
+
+    tf.apply_teacache(tiny.model, threshold=0.5, num_steps=n)
+    try:
+        out = generate(in_context(tiny.model, "uncond", 1, tiny), in_context(tiny.model, "cond", 0, tiny))
+        st = tf.stats(tiny.model)["branches"]
+    finally:
+        tf.remove_teacache(tiny.model)
+    copies = [tiny_flux(0), tiny_flux(0)]
+    for c in copies:
+        tf.apply_teacache(c.model, threshold=0.5, num_steps=n)
+    expected = generate(lambda x, ts, kw: copies[1].call(x, ts, 1), lambda x, ts, kw: copies[0].call(x, ts, 0))
+    ref = [tf.stats(c.model)["branches"][0]["steps"] for c in copies]
+    # branch 0 is the first name seen ("uncond"), branch 1 "cond"
+    assert [st[0]["steps"], st[1]["steps"]] == [ref[1], ref[0]]
+    assert len(st[1]["steps"]) == n and st[1]["steps"][-1] and len(st[0]["steps"]) == trunc
+    assert torch.equal(out, expected)
+    for c in copies:
+        tf.remove_teacache(c.model)

@@ -48,31 +48,71 @@ class DeviceSchedule:
         forced = [bool(f) for f in forced]
         if not forced or not forced[0]:
             raise ValueError("forced must be a non-empty table whose step 0 is forced (True)")
-        self.forced = torch.tensor(forced, dtype=torch.bool, device=device)
-        self.calls = torch.zeros((), dtype=torch.long, device=device)
+        with torch.inference_mode(False):  # updated in place outside inference mode too
+            self.forced = torch.tensor(forced, dtype=torch.bool, device=device)
+            self.calls = torch.zeros((), dtype=torch.long, device=device)   # this generation's
+            self.total = torch.zeros((), dtype=torch.long, device=device)   # since reset()
+            self.starts = torch.zeros((), dtype=torch.long, device=device)  # step-0 calls
+            self.last_t = torch.zeros(1, dtype=torch.float32, device=device)
+            self.direction = torch.zeros(1, dtype=torch.float32, device=device)
+            self.repeated = torch.zeros(1, dtype=torch.bool, device=device)  # this generation
+            self.repeat_seen = torch.zeros((), dtype=torch.bool, device=device)  # since reset()
 
     @property
     def num_steps(self) -> int:
         return self.forced.numel()
 
-    def tick(self) -> Tensor:
+    def tick(self, timestep: Optional[Tensor] = None) -> Tensor:
         """The 0-d bool 'forced' flag of this call; advances the counter (no host read)."""
-        return self.next()[0]
+        return self.next(timestep)[0]
 
-    def next(self):
-        """(forced, step): the call's 0-d bool flag and its (1,) long step index."""
+    def next(self, timestep: Optional[Tensor] = None):
+        """(forced, step): the call's 0-d bool flag and its (1,) long step index.
+
+        With the call's ``timestep`` (a tensor), on the device: a timestep
+        that moves against the generation's direction (learnt at step 1)
+        restarts the count at step 0 (an interrupted run, then a new one); a
+        step 1 with the timestep of step 0 means two calls per step (CFG
+        without ``branches=2``): every call of that generation is forced
+        (never a skip with the other branch's state) and ``repeat_seen`` is set.
+        """
         step = torch.remainder(self.calls, self.num_steps).reshape(1)
-        self.calls.add_(1)
+        forced_extra = None
+        if timestep is not None:
+            t = timestep.reshape(-1)[:1].to(device=self.last_t.device, dtype=torch.float32)
+            d = t - self.last_t
+            back = (self.direction * d < 0) & (step > 0)
+            step = torch.where(back, torch.zeros_like(step), step)
+            first, second = step == 0, step == 1
+            self.repeated.copy_(~first & (self.repeated | (second & (d == 0))))
+            self.repeat_seen.logical_or_(self.repeated.reshape(()))
+            self.direction.copy_(torch.where(first, torch.zeros_like(d),
+                                             torch.where(second, torch.sign(d), self.direction)))
+            self.last_t.copy_(t)
+            forced_extra = self.repeated.reshape(())
+        self.calls.copy_(step.reshape(()) + 1)
+        self.total.add_(1)
+        self.starts.add_((step == 0).reshape(()).to(torch.long))
         # index_select, not forced[step]: indexing by a 0-d tensor reads it on the host
-        return self.forced.index_select(0, step).reshape(()), step
+        forced = self.forced.index_select(0, step).reshape(())
+        if forced_extra is not None:
+            forced = forced | forced_extra
+        return forced, step
+
+    def tensors(self):
+        return [self.forced, self.calls, self.total, self.starts, self.last_t, self.direction,
+                self.repeated, self.repeat_seen]
 
     def to(self, device) -> "DeviceSchedule":
-        """Move the table and the counter (e.g. when the model moved after apply)."""
-        self.forced, self.calls = self.forced.to(device), self.calls.to(device)
+        """Move the table and the counters (e.g. when the model moved after apply)."""
+        for name in ("forced", "calls", "total", "starts", "last_t", "direction", "repeated",
+                     "repeat_seen"):
+            setattr(self, name, getattr(self, name).to(device))
         return self
 
     def reset(self) -> None:
-        self.calls.zero_()
+        for t in self.tensors()[1:]:
+            t.zero_()
 
 
 def decide(indicator: Tensor, prev: Tensor, state: Tensor, coefficients: Sequence[float],
@@ -142,8 +182,9 @@ class SyncFreeBranch:
     def __init__(self, forced: Sequence[bool], device=None):
         self.schedule = DeviceSchedule(forced, device)
         n = self.schedule.num_steps
-        self.flags = torch.zeros(n, dtype=torch.bool, device=device)
-        self.partials = torch.full((n, 2), float("nan"), dtype=torch.float32, device=device)
+        with torch.inference_mode(False):
+            self.flags = torch.zeros(n, dtype=torch.bool, device=device)
+            self.partials = torch.full((n, 2), float("nan"), dtype=torch.float32, device=device)
         self.prev: Optional[Tensor] = None
         self.state: Optional[Tensor] = None
         self.residual: Optional[Tensor] = None
@@ -161,9 +202,12 @@ class SyncFreeBranch:
         if (self.prev is None or self.prev.shape != x.shape or self.prev.dtype != x.dtype
                 or self.prev.device != x.device or self.residual.shape != stream.shape
                 or self.residual.dtype != dtype):
-            self.prev = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-            self.state = ops.new_decide_state((2,), x.device)
-            self.residual = torch.zeros(stream.shape, dtype=dtype, device=stream.device)
+            # normal tensors even under torch.inference_mode(): a later call under
+            # no_grad updates them in place
+            with torch.inference_mode(False):
+                self.prev = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+                self.state = ops.new_decide_state((2,), x.device)
+                self.residual = torch.zeros(stream.shape, dtype=dtype, device=stream.device)
             self.schedule.reset()
 
     def record(self, step: Tensor, compute: Tensor, partials: Tensor) -> None:
@@ -179,9 +223,10 @@ class SyncFreeBranch:
 
     def stats(self, coefficients=()) -> dict:
         """This generation's steps so far in the stats schema, plus ``calls``
-        and ``wraps``: the one host read of the traces."""
-        calls = int(self.schedule.calls)
-        n = (calls - 1) % self.schedule.num_steps + 1 if calls else 0
+        and ``wraps`` (generations the device counter started on its own):
+        the one host read of the traces."""
+        sched = self.schedule
+        n, calls, starts = int(sched.calls), int(sched.total), int(sched.starts)
         steps = self.flags[:n].tolist()
         p = self.partials[:n].cpu()
         computed = sum(steps)
@@ -192,8 +237,8 @@ class SyncFreeBranch:
                              sample_computed=[computed] * batch,
                              sample_skipped=[n - computed] * batch,
                              rel_l1=rel, negative_estimates=negative)
-        return dict(entry, calls=calls, wraps=max(0, calls - 1) // self.schedule.num_steps)
+        return dict(entry, calls=calls, wraps=max(0, starts - 1))
 
     def tensors(self):
         return [t for t in (self.flags, self.partials, self.prev, self.state, self.residual,
-                            self.schedule.forced, self.schedule.calls) if t is not None]
+                            *self.schedule.tensors()) if t is not None]

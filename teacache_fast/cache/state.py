@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .clock import CallClock, Tick
+from .clock import CallClock, CallContext, Tick
 from .config import TeaCacheConfig
 from .decision import HostDecision
 
@@ -87,6 +87,10 @@ class BranchState:
         self.sample_skipped: Optional[List[int]] = None
         self.steps: List[bool] = []                  # per call: computed (all samples)?
         self.partials: Dict[int, List[List[float]]] = {}  # step -> the host rows read
+
+    def refresh(self) -> None:
+        """Drop the buffers (the shapes changed; the next call computes), keep the counters."""
+        self.prev = self.decision = self.residual = None
 
     # ------------------------------------------------------------ indicator + decision
 
@@ -178,11 +182,19 @@ class CacheState:
     def generations(self) -> int:
         return self.clock.generations
 
-    def begin_call(self, timestep: Any, signature: Any) -> Tick:
-        """Place a call on the clock; a new generation drops every branch."""
-        tick = self.clock.next_call(timestep, signature)
+    @property
+    def restarts(self) -> Dict[str, int]:
+        return dict(self.clock.restarts)
+
+    def begin_call(self, timestep: Any, signature: Any, context: Optional[CallContext] = None,
+                   inputs: Sequence[Any] = ()) -> Tick:
+        """Place a call on the clock; a new generation drops every branch, a
+        branch whose shapes changed is dropped alone."""
+        tick = self.clock.next_call(timestep, signature, context, inputs)
         if tick.restarted is not None:
             self._drop()
+        elif tick.fresh and tick.branch in self.branches:
+            self.branches[tick.branch].refresh()
         self.calls += 1
         return tick
 
@@ -193,8 +205,12 @@ class CacheState:
 
     def restart(self) -> None:
         """A new generation now (``teacache_fast.reset``)."""
-        self.clock.restart()
+        self.clock.restart("reset")
         self._drop()
+
+    def abandon(self) -> None:
+        """A call raised: its generation ends, the next call starts a new one."""
+        self.clock.abandon("call raised")
 
     def _drop(self) -> None:
         self.branches = {}

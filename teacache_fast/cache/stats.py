@@ -2,10 +2,14 @@
 
 ``stats(model)`` is::
 
-    {"calls", "num_steps", "generations", "computed", "skipped",
+    {"calls", "num_steps", "generations", "restarts", "computed", "skipped",
      "branches": {index: {"computed", "skipped", "steps", "sample_computed",
                           "sample_skipped", "rel_l1", "negative_estimates"}},
      "threshold", "preset", "variant", "mode", "cache_bytes"}
+
+``restarts`` counts the new generations by reason (cache/clock.py's rules
+table; ``timestep rose`` and ``first step repeated`` are the ambiguous ones,
+where the clock computed instead of guessing).
 
 ``rel_l1`` has one entry per step up to the last one called: the relative L1
 distance of that call's indicator (NaN for a step the branch was not called
@@ -33,11 +37,14 @@ def branch_entry(*, computed: int, skipped: int, steps: Sequence[bool],
 
 
 def summary(branches: Dict[int, Dict[str, Any]], *, calls: int, num_steps: Optional[int],
-            generations: int) -> Dict[str, Any]:
-    return {"calls": calls, "num_steps": num_steps, "generations": generations,
-            "computed": sum(b["computed"] for b in branches.values()),
-            "skipped": sum(b["skipped"] for b in branches.values()),
-            "branches": dict(sorted(branches.items()))}
+            generations: int, **extra: Any) -> Dict[str, Any]:
+    """The common keys; ``extra`` (e.g. ``restarts``: reason -> count) is added as is."""
+    out = {"calls": calls, "num_steps": num_steps, "generations": generations,
+           "computed": sum(b["computed"] for b in branches.values()),
+           "skipped": sum(b["skipped"] for b in branches.values()),
+           "branches": dict(sorted(branches.items()))}
+    out.update(extra)
+    return out
 
 
 def _ratio(num: float, den: float) -> float:

@@ -7,6 +7,8 @@ counter is read inside a call either (only the round-robin branch index), so
 """
 from __future__ import annotations
 
+import threading
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -16,7 +18,7 @@ from ..cache.clock import scheduler_steps
 from ..cache.config import TeaCacheConfig
 from ..cache.device_state import SyncFreeBranch, decide_with_partials, finish_span_
 from ..cache.stats import summary
-from ..models.base import Adapter, BlockCall
+from ..models.base import Adapter, BlockCall, signature_of
 from ._compat import warm_processor_signatures
 from .cond import run_or_pass
 from .host import _with_first_argument
@@ -46,6 +48,10 @@ class DeviceRunner:
         self.generations = 0
         self.call: Optional[SyncFreeBranch] = None
         self.pending_restart = False
+        self.timestep: Optional[Tensor] = None   # the current call's, for the device clock
+        self._busy = threading.Lock()
+        self._warned = False
+        self._t_index = _positional_index(model, adapter.timestep_arg)
         # modules whose forward calls inspect.signature(self.processor.__call__)
         # (diffusers attention): see _compat.warm_processor_signatures
         self.processors = [mod for b in adapter.blocks(model) for mod in b.modules()
@@ -71,14 +77,37 @@ class DeviceRunner:
             raise RuntimeError("TeaCache sync_free=True needs num_steps: pass apply_teacache(..., "
                                "num_steps=N) or apply it to a pipeline and call its scheduler's "
                                "set_timesteps first")
-        branch = self.next_branch
-        self.next_branch = (branch + 1) % len(self.branches)
-        self.call = self.branches[branch]
-        self.call.captured = {}
+        eager = not torch.compiler.is_compiling()
+        if eager and not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                f"TeaCache: this {type(self.model).__name__} is already running a call (from "
+                "another thread, or nested): a cached model holds the state of one call at a time. "
+                "Call it from one thread at a time, or give each thread its own model copy")
         try:
+            branch = self.next_branch
+            self.next_branch = (branch + 1) % len(self.branches)
+            self.call = self.branches[branch]
+            self.call.captured = {}
+            self.timestep = self._timestep(args, kwargs)
             return forward(*args, **kwargs)
+        except BaseException:
+            if eager:  # an interrupted generation: the next call starts afresh
+                self.restart()
+            raise
         finally:
             self.call = None
+            self.timestep = None
+            if eager:
+                self._busy.release()
+
+    def _timestep(self, args: tuple, kwargs: dict) -> Optional[Tensor]:
+        name = self.adapter.timestep_arg
+        if not name:
+            return None
+        t = kwargs.get(name)
+        if t is None and self._t_index is not None and self._t_index < len(args):
+            t = args[self._t_index]
+        return t if isinstance(t, Tensor) and t.numel() > 0 else None
 
     def block(self, index: int, ends_span: bool, original: Callable, args: tuple, kwargs: dict):
         br = self.call
@@ -115,6 +144,7 @@ class DeviceRunner:
             self.call.captured[name] = output
 
     def set_timesteps_done(self) -> None:
+        self._warn_if_two_calls_per_step()
         n = scheduler_steps(self.scheduler)
         if n is not None and (not self.branches or self.branches[0].schedule.num_steps != n):
             self._build(n)
@@ -133,6 +163,7 @@ class DeviceRunner:
         self.set_timesteps_done()
 
     def restart(self) -> None:
+        self._warn_if_two_calls_per_step()
         for br in self.branches:
             br.reset()
         self.next_branch = 0
@@ -151,7 +182,7 @@ class DeviceRunner:
         x, how = indicator_of(self.adapter, first)
         warm_processor_signatures(self.processors)
         br.prepare(x, stream, cfg.cache_dtype)
-        forced, step = br.schedule.next()
+        forced, step = br.schedule.next(self.timestep)
         compute, partials = decide_with_partials(
             x, br.prev, br.state, cfg.coefficients, cfg.threshold, force=forced,
             max_consecutive_skips=cfg.max_consecutive_skips, process_group=self.process_group,
@@ -161,8 +192,22 @@ class DeviceRunner:
 
     # ------------------------------------------------------------ inspection
 
+    def _warn_if_two_calls_per_step(self) -> None:
+        """Host side, outside any call: a branch saw step 1 at step 0's timestep."""
+        if self._warned or not self.branches:
+            return
+        if any(bool(br.schedule.repeat_seen) for br in self.branches):
+            self._warned = True
+            warnings.warn(
+                f"TeaCache sync_free=True on {type(self.model).__name__}: a generation's second "
+                f"call had its first call's timestep on one branch state (branches="
+                f"{len(self.branches)}): CFG with separate cond/uncond calls needs "
+                "apply_teacache(..., branches=2) (or it followed a run stopped after one call). "
+                "That generation was computed in full (no skip)", RuntimeWarning, stacklevel=3)
+
     def stats(self) -> Dict[str, Any]:
         """The device counters and traces, read now."""
+        self._warn_if_two_calls_per_step()
         branches, calls, wraps = {}, 0, 0
         for index, br in enumerate(self.branches):
             b = br.stats(self.config.coefficients)
@@ -175,3 +220,14 @@ class DeviceRunner:
 
     def tensors(self) -> List[Tensor]:
         return [t for br in self.branches for t in br.tensors()]
+
+
+def _positional_index(model: nn.Module, name: Optional[str]) -> Optional[int]:
+    """Where ``name`` sits among the model's positional parameters (None: absent)."""
+    sig = signature_of(model.forward)
+    if sig is None or not name:
+        return None
+    for i, p in enumerate(sig.parameters.values()):
+        if p.name == name:
+            return i if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) else None
+    return None

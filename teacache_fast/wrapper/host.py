@@ -15,12 +15,14 @@ adapters whose code between blocks mixes the batch).
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..cache.clock import CallContext
 from ..cache.config import TeaCacheConfig
 from ..cache.state import BranchState, CacheState, reduce_partials_
 from ..cache.stats import branch_entry, rel_l1_from_rows, summary
@@ -43,7 +45,7 @@ class HostCall:
 
     def __init__(self, args: tuple, kwargs: dict, context: Any = None):
         self.args, self.kwargs = args, kwargs
-        self.context = context          # what the pipeline said of this call (cache_context)
+        self.context = context          # a cache.clock.CallContext when the pipeline gave one
         self.branch = 0
         self.state: Optional[BranchState] = None
         self.step = 0
@@ -78,17 +80,29 @@ class HostRunner:
         self._observe = host_only(self._observe)
         self._fast_skip = adapter.passthrough is None   # a skipped block returns its stream
         self._warned: Dict[str, int] = {}               # warning kind -> generation it was given in
+        self._busy = threading.Lock()
 
     # ------------------------------------------------------------ events
 
     def model_call(self, forward: Callable, args: tuple, kwargs: dict, context: Any = None) -> Any:
         # branch and step are placed at the first block, in the host region:
         # here, under torch.compile, they would be guarded on (a graph per step)
-        self.call = HostCall(args, kwargs, context)
+        eager = not torch.compiler.is_compiling()
+        if eager and not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                f"TeaCache: this {type(self.model).__name__} is already running a call (from "
+                "another thread, or nested): a cached model holds the state of one call at a time. "
+                "Call it from one thread at a time, or give each thread its own model copy")
+        self.call = HostCall(args, kwargs, _call_context(context))
         try:
             return forward(*args, **kwargs)
+        except BaseException:
+            self.state.abandon()   # an interrupted generation: the next call starts afresh
+            raise
         finally:
             self.call = None
+            if eager:
+                self._busy.release()
 
     def block(self, index: int, ends_span: bool, original: Callable, args: tuple, kwargs: dict):
         call = self.call
@@ -139,7 +153,7 @@ class HostRunner:
     def generation_ended(self) -> None:
         """The pipeline finished a call (diffusers resets stateful hooks): the
         next call starts a new generation; the stats stay readable until then."""
-        self.state.clock.set_timesteps_done()
+        self.state.clock.abandon("pipeline call ended")
 
     def watch_scheduler(self, scheduler: Any) -> None:
         """Calls now come from a pipeline with another scheduler, already set
@@ -183,7 +197,9 @@ class HostRunner:
         if cfg.per_sample and partials.shape[0] != stream.shape[0]:
             raise RuntimeError(f"per_sample=True: the indicator has batch {partials.shape[0]} but "
                                f"the hidden states have batch {stream.shape[0]}")
-        forced = cfg.forced(tick.step, tick.num_steps, self.adapter.forced) or bs.must_compute(stream)
+        forced = cfg.forced(tick.step, tick.num_steps, self.adapter.forced) or (
+            tick.shadow is not None and cfg.forced(tick.shadow, tick.num_steps, self.adapter.forced)
+        ) or bs.must_compute(stream)
         if self.process_group is not None:  # sequence parallel: same partials, force, facts
             forced = reduce_partials_(partials, self.process_group, force=forced, facts=dict(
                 branch=tick.branch, step=tick.step, num_steps=tick.num_steps,
@@ -239,9 +255,15 @@ class HostRunner:
         # a call by keywords only needs no binding (diffusers pipelines call so)
         bound = call.kwargs if not call.args else _bind(self.model_signature, call.args, call.kwargs)
         t_arg = bound.get(self.adapter.timestep_arg) if self.adapter.timestep_arg else None
-        signature = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in bound.items()
-                          if isinstance(v, Tensor))
-        tick = self.state.begin_call(t_arg, signature)
+        tensors = [(k, v) for k, v in bound.items() if isinstance(v, Tensor)]
+        signature = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in tensors)
+        # the latents first: CFG branches of a step are told apart from a
+        # restarted run by sharing them (cache/clock.py)
+        latents = bound.get("hidden_states")
+        inputs = [v for _, v in tensors]
+        if isinstance(latents, Tensor):
+            inputs = [latents] + [v for v in inputs if v is not latents]
+        tick = self.state.begin_call(t_arg, signature, call.context, inputs)
         call.branch, call.step, call.state = tick.branch, tick.step, self.state.branch(tick.branch)
         return tick
 
@@ -285,10 +307,24 @@ class HostRunner:
                                     negative_estimates=b.decision.negative_calls if b.decision else 0)
                     for i, b in st.branches.items()}
         return summary(branches, calls=st.calls, num_steps=st.num_steps,
-                       generations=st.generations)
+                       generations=st.generations, restarts=st.restarts)
 
     def tensors(self) -> List[Tensor]:
         return list(self.state.tensors())
+
+
+def _call_context(context: Any) -> Optional[CallContext]:
+    """diffusers' CacheContext (what ``transformer.cache_context(name, ...)`` set)
+    as the clock's CallContext; None when the pipeline said nothing."""
+    if context is None or isinstance(context, CallContext):
+        return context
+    name = getattr(context, "name", None)
+    if not isinstance(name, str):
+        return None
+    step = getattr(context, "step_index", None)
+    total = getattr(context, "num_inference_steps", None)
+    return CallContext(name, int(step) if step is not None else None,
+                       int(total) if total is not None else None)
 
 
 def _with_first_argument(args: tuple, kwargs: dict, fn: Callable[[Any], Any]):
