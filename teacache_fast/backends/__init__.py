@@ -81,8 +81,13 @@ def unavailable_reason(name: str, device: _torch.device | str) -> str | None:
 
 def requested_backend() -> str:
     """The forced backend ('auto' when none): use_backend() beats the env var."""
-    name = getattr(_override, "name", None) or os.environ.get(_ENV, "auto") or "auto"
-    name = name.strip().lower()
+    name = getattr(_override, "name", None)
+    if name:  # checked by use_backend
+        return name
+    raw = os.environ.get(_ENV)
+    if not raw:  # the common case, on every op call: no parsing
+        return "auto"
+    name = raw.strip().lower() or "auto"
     if name not in _CHOICES:
         raise ValueError(f"{_ENV}={name!r} is not a backend; expected one of {_CHOICES}")
     return name
