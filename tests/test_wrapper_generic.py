@@ -100,3 +100,23 @@ def test_custom_adapter_errors(toy):
     with pytest.raises(TypeError, match="nn.Module or a pipeline"):
         tf.apply_teacache(object(), num_steps=4)
     assert not any("forward" in m.__dict__ for m in toy.modules())
+
+
+@pytest.mark.parametrize("layout", ["extra_at_end", "extra_at_start", "reversed"])
+def test_adapter_listing_blocks_the_model_does_not_run_is_a_clear_error(toy, layout):
+    """Issue 15, item 6: a listed block that never runs (or the wrong order)
+    must not silently pass the stack's input through, nor crash deep inside."""
+    unused = Block(16)
+
+    def blocks(m):
+        run = list(m.blocks) + list(m.late_blocks)
+        return {"extra_at_end": run + [unused], "extra_at_start": [unused] + run,
+                "reversed": run[::-1]}[layout]
+    adapter = Adapter(name="wrong", blocks=blocks, indicator=toy_adapter().indicator, stream="x")
+    x = torch.randn(1, 5, 4)
+    tf.apply_teacache(toy, adapter=adapter, threshold=0.5, num_steps=STEPS, coefficients=[1.0, 0.0])
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="Adapter.blocks must return exactly"):
+            toy(x, torch.tensor([0.9]))
+    finally:
+        tf.remove_teacache(toy)

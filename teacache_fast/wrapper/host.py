@@ -41,7 +41,8 @@ class HostCall:
     first block ran the host region."""
 
     __slots__ = ("args", "kwargs", "context", "branch", "state", "step", "mode", "captured",
-                 "stream_in", "partials", "flags", "compute_idx", "batch", "skip_out0", "_idx")
+                 "stream_in", "partials", "flags", "compute_idx", "batch", "skip_out0", "_idx",
+                 "finished")
 
     def __init__(self, args: tuple, kwargs: dict, context: Any = None):
         self.args, self.kwargs = args, kwargs
@@ -57,6 +58,7 @@ class HostCall:
         self.compute_idx: List[int] = []
         self.batch = 0
         self.skip_out0: Any = None      # block 0's passthrough, to refill the batch (subset)
+        self.finished = False           # the span's end ran (residual captured or applied)
         self._idx: Dict[torch.device, Tensor] = {}
 
     def index(self, device: torch.device) -> Tensor:
@@ -93,9 +95,17 @@ class HostRunner:
                 f"TeaCache: this {type(self.model).__name__} is already running a call (from "
                 "another thread, or nested): a cached model holds the state of one call at a time. "
                 "Call it from one thread at a time, or give each thread its own model copy")
-        self.call = HostCall(args, kwargs, _call_context(context))
+        self.call = call = HostCall(args, kwargs, _call_context(context))
         try:
-            return forward(*args, **kwargs)
+            out = forward(*args, **kwargs)
+            if eager and call.mode is not None and not call.finished:
+                self.state.abandon()
+                raise RuntimeError(
+                    f"TeaCache adapter {self.adapter.name!r}: the span's end never ran in this call "
+                    f"(its last block{' or end module' if self.adapter.end else ''} was not "
+                    "called), so the residual was neither captured nor applied. Adapter.blocks "
+                    "must return exactly the blocks the model runs, in the order it runs them")
+            return out
         except BaseException:
             self.state.abandon()   # an interrupted generation: the next call starts afresh
             raise
@@ -110,6 +120,11 @@ class HostRunner:
             return original(*args, **kwargs)
         if index == 0:
             self._decide(call, original, args, kwargs)
+        elif call.mode is None:
+            raise RuntimeError(
+                f"TeaCache adapter {self.adapter.name!r}: block {index} of the stack ran before "
+                "block 0 in this call. Adapter.blocks must return exactly the blocks the model "
+                "runs, in the order it runs them")
         mode = call.mode
         if mode == SKIP:
             out = kwargs.get(self.adapter.stream) if self._fast_skip else None
@@ -278,6 +293,7 @@ class HostRunner:
         return self.adapter.with_stream(out, stream)
 
     def _finish_stream(self, call: HostCall, out: Tensor) -> Tensor:
+        call.finished = True
         bs, inp = call.state, call.stream_in
         if call.mode == COMPUTE:
             bs.capture(out, inp, self.config)
