@@ -21,7 +21,7 @@ from ..cache.stats import summary
 from ..models.base import Adapter, BlockCall, signature_of
 from ._compat import warm_processor_signatures
 from .cond import run_or_pass
-from .host import _with_first_argument
+from .host import _with_first_argument, enter_call
 from .indicator import indicator_of
 
 __all__ = ["DeviceRunner"]
@@ -78,11 +78,8 @@ class DeviceRunner:
                                "num_steps=N) or apply it to a pipeline and call its scheduler's "
                                "set_timesteps first")
         eager = not torch.compiler.is_compiling()
-        if eager and not self._busy.acquire(blocking=False):
-            raise RuntimeError(
-                f"TeaCache: this {type(self.model).__name__} is already running a call (from "
-                "another thread, or nested): a cached model holds the state of one call at a time. "
-                "Call it from one thread at a time, or give each thread its own model copy")
+        if eager:
+            enter_call(self._busy, self.model)
         try:
             branch = self.next_branch
             self.next_branch = (branch + 1) % len(self.branches)

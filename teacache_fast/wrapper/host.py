@@ -90,11 +90,8 @@ class HostRunner:
         # branch and step are placed at the first block, in the host region:
         # here, under torch.compile, they would be guarded on (a graph per step)
         eager = not torch.compiler.is_compiling()
-        if eager and not self._busy.acquire(blocking=False):
-            raise RuntimeError(
-                f"TeaCache: this {type(self.model).__name__} is already running a call (from "
-                "another thread, or nested): a cached model holds the state of one call at a time. "
-                "Call it from one thread at a time, or give each thread its own model copy")
+        if eager:
+            enter_call(self._busy, self.model)
         self.call = call = HostCall(args, kwargs, _call_context(context))
         try:
             out = forward(*args, **kwargs)
@@ -327,6 +324,15 @@ class HostRunner:
 
     def tensors(self) -> List[Tensor]:
         return list(self.state.tensors())
+
+
+def enter_call(busy: threading.Lock, model: nn.Module) -> None:
+    """Take the model's one-call-at-a-time lock, or raise a clear error."""
+    if not busy.acquire(blocking=False):
+        raise RuntimeError(
+            f"TeaCache: this {type(model).__name__} is already running a call (from another "
+            "thread, or nested): a cached model holds the state of one call at a time. Call it "
+            "from one thread at a time, or give each thread its own model copy")
 
 
 def _call_context(context: Any) -> Optional[CallContext]:
