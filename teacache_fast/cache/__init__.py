@@ -8,11 +8,11 @@ decision      the host-side decision of the host-read mode (fp32, kernel bits)
 device_state  the sync-free mode's device-side schedule, buffers and span end
 stats         the one stats schema, cache_bytes
 """
-from .clock import CallClock, Tick
+from .clock import CallClock, CallContext, Tick
 from .config import TeaCacheConfig
 from .decision import HostDecision
 from .device_state import DeviceSchedule, SyncFreeBranch
 from .state import BranchState, CacheState
 
-__all__ = ["TeaCacheConfig", "CallClock", "Tick", "HostDecision", "BranchState", "CacheState",
+__all__ = ["TeaCacheConfig", "CallClock", "CallContext", "Tick", "HostDecision", "BranchState", "CacheState",
            "DeviceSchedule", "SyncFreeBranch"]
