@@ -3,7 +3,7 @@ modules (top level, inside functions, and ``importlib.import_module`` by
 name) must be an edge DESIGN.md allows, and there must be no cycle.
 
     cli -> api (+ calibrate) -> wrapper -> cache -> ops -> backends -> kernels / _C
-    models -> models.base / models.common only; nothing below api knows models
+    models -> models.base / models.common / models.record only; nothing below api knows models
     (but wrapper, which reads the Adapter record); nothing imports cli.
 """
 from __future__ import annotations
@@ -39,8 +39,9 @@ ALLOWED: Dict[str, Tuple[str, ...]] = {
     f"{PKG}.kernels": (f"{PKG}.kernels",),
     f"{PKG}.models.base": (),
     f"{PKG}.models.common": (f"{PKG}.models.base",),
+    f"{PKG}.models.record": (f"{PKG}.models.base",),
     f"{PKG}.models.__init__": (f"{PKG}.models",),
-    f"{PKG}.models": (f"{PKG}.models.base", f"{PKG}.models.common"),
+    f"{PKG}.models": (f"{PKG}.models.base", f"{PKG}.models.common", f"{PKG}.models.record"),
     f"{PKG}._version": (),
 }
 

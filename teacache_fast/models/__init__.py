@@ -14,8 +14,9 @@ from typing import Dict, Optional, Tuple, Union
 from torch import nn
 
 from . import cogvideox, cosmos, flux, hidream, hunyuan_video, ltx_video, lumina2, lumina_next, mochi, wan
-from .base import (Adapter, BlockCall, Family, Modulated, Variant, first_and_last, first_fraction, first_n,
-                   first_only, pick_variant, signature_of)
+from .base import (Adapter, BlockCall, Modulated, first_and_last, first_fraction, first_n, first_only,
+                   signature_of)
+from .record import Family, Variant, pick_variant
 
 __all__ = ["Adapter", "BlockCall", "Modulated", "Variant", "Family", "adapter_for", "presets", "families",
            "family", "family_for", "published", "signature_of", "first_and_last", "first_only", "first_n",

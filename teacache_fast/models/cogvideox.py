@@ -8,7 +8,7 @@ Forced: first and last step.
 """
 from __future__ import annotations
 
-from .base import Family, Variant
+from .record import Family, Variant
 from .common import block_argument, reference
 
 _T = (0.1, 0.2, 0.3)

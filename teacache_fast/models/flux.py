@@ -8,7 +8,7 @@ image stream; the text stream is not used after the stack. Indicator: block
 """
 from __future__ import annotations
 
-from .base import Family, Variant
+from .record import Family, Variant
 from .common import ada_norm_zero_msa, reference
 
 FAMILY = Family(

@@ -9,7 +9,8 @@ not forced.
 """
 from __future__ import annotations
 
-from .base import BlockCall, Family, Variant, first_fraction
+from .base import BlockCall, first_fraction
+from .record import Family, Variant
 from .common import captured_output, reference
 
 

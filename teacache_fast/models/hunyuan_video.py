@@ -9,7 +9,7 @@ the published coefficients are for T2V). Forced: first and last step.
 """
 from __future__ import annotations
 
-from .base import Family, Variant
+from .record import Family, Variant
 from .common import ada_norm_zero_msa, reference
 
 FAMILY = Family(

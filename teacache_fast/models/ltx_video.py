@@ -9,7 +9,8 @@ Forced: first and last step.
 """
 from __future__ import annotations
 
-from .base import BlockCall, Family, Modulated, Variant
+from .base import BlockCall, Modulated
+from .record import Family, Variant
 from .common import reference
 
 

@@ -13,7 +13,7 @@ Rotary embeddings are per sample here (batched), so per-sample runs slice them.
 """
 from __future__ import annotations
 
-from .base import Family, Variant
+from .record import Family, Variant
 from .common import reference, rms_scale_msa
 
 _SOURCE = reference("TeaCache4Lumina2/teacache_lumina2.py", "TeaCache4Lumina2/README.md")

@@ -7,7 +7,7 @@ weight is folded into the scale). Forced: first and last step.
 """
 from __future__ import annotations
 
-from .base import Family, Variant
+from .record import Family, Variant
 from .common import reference, rms_scale_msa
 
 FAMILY = Family(

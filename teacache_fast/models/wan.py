@@ -10,7 +10,8 @@ alike, but their residuals differ). Forced per branch: first and last step;
 """
 from __future__ import annotations
 
-from .base import Family, Variant, first_n
+from .base import first_n
+from .record import Family, Variant
 from .common import captured_output, reference
 
 RET_STEPS = 5
