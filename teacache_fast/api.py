@@ -13,15 +13,16 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from .cache.config import TeaCacheConfig
 from .cache.stats import cache_bytes
 from .models.base import Adapter, check_adapter
+from .models.record import class_names
 from .preset_json import load_preset_json, looks_like_preset_path
 from .wrapper import CachedModel
 from .wrapper.cached_model import DENOISERS, diffusers_cache_in_use
+from .wrapper.device import model_device
 
 __all__ = ["apply_teacache", "remove_teacache", "reset", "stats", "inspect", "is_cached",
            "teacache", "CacheView", "BranchView"]
@@ -56,13 +57,6 @@ def _resolve_target(module: Any):
     return model, pipeline
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    """Where the model's activations will live: its first parameter's device."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _load_fitted(path: Any, model: nn.Module, has_threshold: bool) -> dict:
     """Read a ``teacache-fast calibrate`` JSON for ``preset=path`` and check it fits."""
     data = load_preset_json(path)
@@ -74,8 +68,7 @@ def _load_fitted(path: Any, model: nn.Module, has_threshold: bool) -> dict:
                 if table else "; it has no 'thresholds' table, see `teacache-fast calibrate`")
         raise ValueError(f"preset={os.fspath(path)!r} is a fitted polynomial with no default "
                          f"threshold: pass threshold={hint}")
-    names = [c.__name__ for c in type(model).__mro__]
-    if data["model_class"] not in names:
+    if data["model_class"] not in class_names(model):
         warnings.warn(f"preset file {os.fspath(path)!r} was fitted on {data['model_class']}, "
                       f"not on {type(model).__name__}: its coefficients may not fit this model",
                       stacklevel=3)
@@ -190,7 +183,7 @@ def _apply_one(model: nn.Module, pipeline: Any, config, threshold, preset, varia
                          "unless apply_teacache is given the pipeline")
     from .distributed import check_process_group, group_source
     if process_group is not None and process_group is not False:
-        check_process_group(process_group, _model_device(model))
+        check_process_group(process_group, model_device(model))
     cached = CachedModel(model, adapter, cfg, pipeline=pipeline,
                          process_group=group_source(model, process_group))
     model.__dict__[_ATTR] = cached

@@ -24,10 +24,11 @@ from .cond import run_or_pass
 from .host import _with_first_argument, enter_call
 from .indicator import indicator_of
 
-__all__ = ["DeviceRunner"]
+__all__ = ["DeviceRunner", "model_device"]
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's activations will live: its first parameter's device."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -62,7 +63,7 @@ class DeviceRunner:
     def _build(self, num_steps: int) -> None:
         """Fresh device state for generations of num_steps steps (host side, eager)."""
         forced = self.config.forced_table(num_steps, self.adapter.forced)
-        device = _model_device(self.model)
+        device = model_device(self.model)
         self.branches = [SyncFreeBranch(forced, device) for _ in range(self.config.branches)]
         self.next_branch = 0
         self.num_steps = num_steps
