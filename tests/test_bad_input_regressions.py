@@ -15,8 +15,10 @@ from torch import nn
 
 import teacache_fast as tf
 from teacache_fast import TeaCacheConfig, ops
-from teacache_fast.models import Adapter, Modulated
+from teacache_fast.models import Adapter
 from op_oracles import runnable_backends
+from toy_models import ToyDiT, toy_adapter
+from toy_models import sample as toy_sample
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = runnable_backends(DEV)
@@ -27,52 +29,14 @@ overflow_ok = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWar
 
 # --------------------------------------------------------------------------- a toy DiT
 
-class Block(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.mod = nn.Linear(dim, 2 * dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
-
-    def forward(self, x, emb):
-        scale, shift = self.mod(emb).chunk(2, dim=-1)
-        return x + self.mlp(x * (1 + scale[:, None]) + shift[:, None])
-
-
-class ToyDiT(nn.Module):
-    def __init__(self, dim=8, depth=2):
-        super().__init__()
-        self.embed = nn.Linear(4, dim)
-        self.time = nn.Linear(1, dim)
-        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
-        self.out = nn.Linear(dim, 4)
-
-    def forward(self, x, timestep):
-        h, emb = self.embed(x), self.time(timestep[:, None])
-        for blk in self.blocks:
-            h = blk(h, emb)
-        return self.out(h)
-
-
-def toy_adapter(**changes):
-    def indicator(call):
-        scale, shift = call.model.blocks[0].mod(call["emb"]).chunk(2, dim=-1)
-        return Modulated(call["x"], scale, shift, norm="layer")
-    kw = dict(name="toy", blocks=lambda m: list(m.blocks), indicator=indicator, stream="x")
-    kw.update(changes)
-    return Adapter(**kw)
-
-
 def sample(model, x):
-    s = torch.linspace(1, 0, STEPS + 1)
-    for i in range(STEPS):
-        x = x + (s[i + 1] - s[i]) * model(x, torch.full((x.shape[0],), float(s[i])))
-    return x
+    return toy_sample(model, x, STEPS)
 
 
 @pytest.fixture
 def toy():
     torch.manual_seed(0)
-    return ToyDiT().eval()
+    return ToyDiT(dim=8, depth=(2, 0)).eval()
 
 
 def untouched(model: nn.Module) -> bool:

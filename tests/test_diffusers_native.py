@@ -154,7 +154,7 @@ def test_remove_keeps_hooks_diffusers_added_after():
 
 def test_plain_module_overridden_after_us_keeps_its_override():
     """Without diffusers' registry: an override made after TeaCache stays, ours is switched off."""
-    from test_wrapper_generic import ToyDiT, toy_adapter
+    from toy_models import ToyDiT, toy_adapter
     torch.manual_seed(0)
     model, adapter = ToyDiT(), toy_adapter()
     x = torch.randn(1, 5, 4)

@@ -1,58 +1,18 @@
 """A model without a preset: the caller describes it with an Adapter."""
 import pytest
 import torch
-from torch import nn
 
 import teacache_fast as tf
-from teacache_fast.models import Adapter, Modulated
+from teacache_fast.models import Adapter
+
+from toy_models import Block, ToyDiT, toy_adapter
+from toy_models import sample as toy_sample
 
 STEPS = 8
 
 
-class Block(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.mod = nn.Linear(dim, 2 * dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x, emb):
-        scale, shift = self.mod(emb).chunk(2, dim=-1)
-        h = nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
-        return x + self.mlp(h)
-
-
-class ToyDiT(nn.Module):
-    """Embed, a stack of blocks in two lists, project out: the usual DiT shape."""
-
-    def __init__(self, dim=16, depth=(2, 1)):
-        super().__init__()
-        self.embed = nn.Linear(4, dim)
-        self.time = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth[0]))
-        self.late_blocks = nn.ModuleList(Block(dim) for _ in range(depth[1]))
-        self.out = nn.Linear(dim, 4)
-
-    def forward(self, x, timestep):
-        h, emb = self.embed(x), self.time(timestep[:, None])
-        for blk in list(self.blocks) + list(self.late_blocks):
-            h = blk(h, emb)
-        return self.out(h)
-
-
-def toy_adapter():
-    def indicator(call):
-        mod = call.model.blocks[0].mod
-        scale, shift = mod(call["emb"]).chunk(2, dim=-1)
-        return Modulated(call["x"], scale, shift, norm="layer")
-    return Adapter(name="toy", blocks=lambda m: list(m.blocks) + list(m.late_blocks),
-                   indicator=indicator, stream="x")
-
-
 def sample(model, x):
-    s = torch.linspace(1, 0, STEPS + 1)
-    for i in range(STEPS):
-        x = x + (s[i + 1] - s[i]) * model(x, torch.full((x.shape[0],), float(s[i])))
-    return x
+    return toy_sample(model, x, STEPS)
 
 
 @pytest.fixture
