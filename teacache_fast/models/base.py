@@ -149,6 +149,12 @@ class Adapter:
     forced: (step, num_steps) -> bool, the family's forced-step rule.
     subset: per-sample runs may slice the batch through the stack (False when
         code between the blocks mixes the batch, e.g. with a tail).
+    block_lists: model -> the ModuleLists the model's forward loops over to run
+        the stack (their items, in order, are exactly ``blocks``), or None. When
+        given, a skipped call leaves those loops after block 0 (only the block
+        that ends the span still runs): a further skipped block costs nothing.
+        Only for models whose loop bodies do nothing but run the blocks and
+        feed the stream (whatever else they compute is dropped on a skip).
     """
     name: str
     blocks: Callable[[nn.Module], Sequence[nn.Module]]
@@ -163,6 +169,7 @@ class Adapter:
     timestep_arg: Optional[str] = "timestep"
     forced: Callable[[int, int], bool] = first_and_last
     subset: bool = True
+    block_lists: Optional[Callable[[nn.Module], Sequence[nn.Module]]] = None
     coefficients: Optional[List[float]] = None
     threshold: Optional[float] = None
     variant: Optional[str] = None
@@ -172,7 +179,7 @@ class Adapter:
             raise TypeError(f"Adapter.name must be a str, got {type(self.name).__name__}")
         for attr in ("blocks", "indicator", "forced"):
             _check_callable(self.name, attr, getattr(self, attr))
-        for attr in ("passthrough", "tail", "end"):
+        for attr in ("passthrough", "tail", "end", "block_lists"):
             _check_callable(self.name, attr, getattr(self, attr), optional=True)
         if not isinstance(self.stream, str) or not self.stream:
             raise TypeError(f"Adapter {self.name!r}: stream must be the name (a str) of the block "

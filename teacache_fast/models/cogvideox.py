@@ -39,6 +39,7 @@ FAMILY = Family(
     },
     default_variant=_default_variant,
     blocks=("transformer_blocks",),
+    skip_loops=True,
     indicator=block_argument("temb"),
     returns=("hidden_states", "encoder_hidden_states"),
     unbatched=("image_rotary_emb",),

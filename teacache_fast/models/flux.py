@@ -20,6 +20,7 @@ FAMILY = Family(
     },
     default_variant="dev",
     blocks=("transformer_blocks", "single_transformer_blocks"),
+    skip_loops=True,
     indicator=ada_norm_zero_msa("transformer_blocks"),
     returns=("encoder_hidden_states", "hidden_states"),
     unbatched=("image_rotary_emb",),

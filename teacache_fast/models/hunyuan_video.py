@@ -22,6 +22,7 @@ FAMILY = Family(
     },
     default_variant="t2v",
     blocks=("transformer_blocks", "single_transformer_blocks"),
+    skip_loops=True,
     indicator=ada_norm_zero_msa("transformer_blocks"),
     returns=("hidden_states", "encoder_hidden_states"),
     unbatched=("freqs_cis",),

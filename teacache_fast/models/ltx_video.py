@@ -36,6 +36,7 @@ FAMILY = Family(
     },
     default_variant="0.9.1",
     blocks=("transformer_blocks",),
+    skip_loops=True,
     indicator=indicator,
     tail=("norm_out",), end="proj_out",
     unbatched=("image_rotary_emb",),

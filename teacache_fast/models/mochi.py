@@ -19,6 +19,7 @@ FAMILY = Family(
     },
     default_variant="preview",
     blocks=("transformer_blocks",),
+    skip_loops=True,
     indicator=rms_scale_msa("transformer_blocks"),
     returns=("hidden_states", "encoder_hidden_states"),
     tail=("norm_out",), end="proj_out",

@@ -76,6 +76,14 @@ def _modules(names: Tuple[str, ...]) -> Callable[[nn.Module], List[nn.Module]]:
     return get
 
 
+def _attributes(names: Tuple[str, ...]) -> Callable[[nn.Module], List[Any]]:
+    """model -> the values of these attributes (not expanded)."""
+    def get(model: nn.Module) -> List[Any]:
+        return [getattr(model, name) for name in names]
+    get.__name__ = f"attributes_{'_'.join(names)}"
+    return get
+
+
 def _returns(names: Tuple[str, ...]) -> Callable[[BlockCall], tuple]:
     """A skipped block's output: these arguments of its call, in this order."""
     def passthrough(call: BlockCall) -> tuple:
@@ -108,6 +116,9 @@ class Family:
     tail: attributes of modules after the blocks that belong to the cached
         span; end: the attribute of the module whose INPUT ends the span.
     unbatched, timestep_arg, forced, subset: as in :class:`Adapter`.
+    skip_loops: the model's forward runs ``blocks`` in plain loops whose bodies
+        only run the blocks and feed the stream (read in its diffusers source),
+        so a skipped call may leave them after block 0 (Adapter.block_lists).
 
     A model of another class with the same layout can use a family through
     ``dataclasses.replace(family, classes=family.classes + ("MyModel",))``.
@@ -129,6 +140,7 @@ class Family:
     timestep_arg: Optional[str] = "timestep"
     forced: Callable[[int, int], bool] = first_and_last
     subset: bool = True
+    skip_loops: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "variants", MappingProxyType(dict(self.variants)))
@@ -174,4 +186,5 @@ class Family:
             end=operator.attrgetter(self.end) if self.end else None,
             unbatched=self.unbatched, timestep_arg=self.timestep_arg,
             forced=v.forced or self.forced, subset=self.subset,
+            block_lists=_attributes(self.blocks) if self.skip_loops else None,
             coefficients=list(v.coefficients), threshold=v.thresholds[0])

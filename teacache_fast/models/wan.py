@@ -61,6 +61,7 @@ FAMILY = Family(
     },
     default_variant=_default_variant,
     blocks=("blocks",),
+    skip_loops=True,
     indicator=_E,
     capture={"condition": "condition_embedder"},
     unbatched=("rotary_emb",),

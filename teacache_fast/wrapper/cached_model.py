@@ -86,7 +86,25 @@ class CachedModel(_NotCopyable):
             p.wrap_forward(a.end(m), r.end, diffusers=d)
         for name, get in a.capture.items():
             p.add_handle(get(m).register_forward_hook(_capture_event(r, name)))
+        if a.block_lists is not None and isinstance(r, HostRunner):
+            self._gate_loops(last if a.end is None else None)
         self._watch(self.scheduler)
+
+    def _gate_loops(self, span_end: Optional[int]) -> None:
+        """A skipped call leaves the model's block loops after block 0: each
+        list asks the runner before it yields a block (Adapter.block_lists)."""
+        lists = list(self.adapter.block_lists(self.model))
+        flat = [b for blocks in lists if isinstance(blocks, nn.ModuleList) for b in blocks]
+        if len(flat) != len(self.blocks) or any(x is not y for x, y in zip(flat, self.blocks)):
+            raise ValueError(
+                f"Adapter {self.adapter.name!r}: block_lists(model) must return the ModuleLists "
+                "whose items, in order, are exactly blocks(model); got "
+                f"{[type(b).__name__ for b in lists]} holding {len(flat)} of the "
+                f"{len(self.blocks)} blocks")
+        offset = 0
+        for blocks in lists:
+            self.patches.gate_iteration(blocks, self.runner.loop_gate(offset, span_end))
+            offset += len(blocks)
 
     def _watch(self, scheduler: Any) -> None:
         self.scheduler_patches.restore()

@@ -139,6 +139,17 @@ class HostRunner:
             out = self._finish(call, out)
         return out
 
+    def loop_gate(self, offset: int, span_end: Optional[int]) -> Callable[[int], bool]:
+        """keep(i) for the block list whose first block is block ``offset`` of
+        the stack: a skipped call runs block 0 and the span's end only."""
+        def keep(i: int) -> bool:
+            call = self.call
+            if call is None or call.mode != SKIP:
+                return True
+            index = offset + i
+            return index == 0 or index == span_end
+        return keep
+
     def tail(self, original: Callable, args: tuple, kwargs: dict):
         call = self.call
         if call is not None and call.mode == SKIP:

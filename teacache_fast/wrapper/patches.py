@@ -18,6 +18,10 @@ whatever was installed after):
   calls straight through and drops its references), so their code keeps
   working and ours no longer runs or keeps the model alive.
 
+A third, for a model's block loops: :meth:`Patches.gate_iteration` makes a
+``ModuleList`` ask ``keep(i)`` before it yields block ``i`` (so a loop can end
+early); removing it gives the list its class back.
+
 A module with overrides cannot be deep-copied or pickled while they are
 installed: the copy's forwards would still run the original's cache (a
 silent alias), so both raise a clear error instead.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, List, Optional
 
+import torch
 from torch import nn
 
 __all__ = ["Patches", "uses_diffusers_hooks", "NOT_COPYABLE"]
@@ -64,6 +69,43 @@ class _Override(_NotCopyable):
         if event is None:  # switched off
             return self.original(*args, **kwargs)
         return event(self.original, args, kwargs)
+
+
+class _Keep(_NotCopyable):
+    """A gated list's question ``keep(i)``; None when switched off."""
+
+    def __init__(self, keep: Callable[[int], bool]):
+        self.keep: Optional[Callable[[int], bool]] = keep
+
+
+def _gated_iter(self):
+    keep = self.__dict__.get("_gate")
+    keep = keep.keep if keep is not None else None
+    if keep is None or torch.compiler.is_compiling():  # traced code sees the plain list
+        return iter(self._modules.values())
+    return _ask(self._modules.values(), keep)
+
+
+def _ask(modules, keep: Callable[[int], bool]):
+    # asked lazily: keep(i) runs after block i-1 returned, so it can read
+    # what that block decided
+    for i, m in enumerate(modules):
+        if keep(i):
+            yield m
+
+
+_GATED: dict = {}
+
+
+def _gated_class(cls: type) -> type:
+    """``cls`` with a gated ``__iter__`` (one subclass per container class)."""
+    if cls not in _GATED:
+        # copying or pickling refuses as every override does (not a lookup
+        # error on this generated class)
+        _GATED[cls] = type(f"Gated{cls.__name__}", (cls,), {
+            "__iter__": _gated_iter, "__deepcopy__": _NotCopyable.__deepcopy__,
+            "__reduce_ex__": _NotCopyable.__reduce_ex__})
+    return _GATED[cls]
 
 
 def uses_diffusers_hooks(module: nn.Module) -> bool:
@@ -123,6 +165,7 @@ class Patches:
         self._overrides: List[tuple] = []   # (obj, name, own, override)
         self._hooks: List[tuple] = []       # (registry, module)
         self._handles: List[Any] = []
+        self._gates: List[tuple] = []       # (container, its class before us, keep)
         self.model_hook = None              # the stateful diffusers hook of the model, if any
 
     def wrap_forward(self, module: nn.Module, event: Event, *, diffusers: bool,
@@ -151,6 +194,18 @@ class Patches:
         override.before = own
         obj.__dict__[name] = override
         self._overrides.append((obj, name, own, override))
+
+    def gate_iteration(self, container: nn.ModuleList, keep: Callable[[int], bool]) -> None:
+        """Iterating ``container`` yields item ``i`` only when ``keep(i)`` is
+        true (asked as the loop reaches it); len() and indexing are unchanged.
+        Traced code (torch.compile) iterates the plain list."""
+        if not isinstance(container, nn.ModuleList):
+            raise TypeError(f"gate_iteration needs an nn.ModuleList, got {type(container).__name__}")
+        before = type(container)
+        gate = _Keep(keep)
+        container.__class__ = _gated_class(before)
+        container.__dict__["_gate"] = gate
+        self._gates.append((container, before, gate))
 
     def add_handle(self, handle: Any) -> None:
         """A ``torch.utils.hooks.RemovableHandle`` (e.g. a forward hook) to remove with the rest."""
@@ -184,7 +239,13 @@ class Patches:
                     del module.__dict__["forward"]
         if self._hooks:
             self._hooks[0][0].invalidate_child_registries_cache()
+        for container, before, gate in reversed(self._gates):
+            gate.keep = None                   # off, whatever happens below
+            if container.__dict__.get("_gate") is gate:
+                del container.__dict__["_gate"]
+                if type(container) is _GATED.get(before):
+                    container.__class__ = before
         for h in self._handles:
             h.remove()
-        self._overrides, self._hooks, self._handles = [], [], []
+        self._overrides, self._hooks, self._handles, self._gates = [], [], [], []
         self.model_hook = None
