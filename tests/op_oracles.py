@@ -17,7 +17,7 @@ SUM_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 def runnable_backends(device: str) -> list[str]:
     """Backends that can run on ``device`` here (triton only once its module exists)."""
     names = []
-    for name in ("cuda", "triton", "torch"):
+    for name in ("cuda", "triton", "cpu", "torch"):
         if unavailable_reason(name, device) is not None:
             continue
         if name == "triton":

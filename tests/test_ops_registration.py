@@ -69,15 +69,24 @@ def test_torch_compile_fullgraph_matches_eager():
     assert explanation.graph_break_count == 0
 
 
-def test_cpu_tensors_use_torch_backend():
-    assert backend_for(torch.zeros(1)) == "torch"
+def test_cpu_tensors_use_the_native_cpu_backend_or_torch(monkeypatch):
+    from teacache_fast.backends.native import build
+    assert backend_for(torch.zeros(1)) == ("cpu" if build.library()[0] is not None else "torch")
+    # without the native kernels (no compiler, or switched off) CPU tensors take torch
+    build.library.cache_clear()
+    monkeypatch.setenv(build.ENV_OFF, "0")
+    try:
+        assert backend_for(torch.zeros(1)) == "torch"
+        assert "turned the native CPU kernels off" in ops.unavailable_reason("cpu", "cpu")
+    finally:
+        build.library.cache_clear()
 
 
 def _not_auto(device) -> str:
     """A runnable backend that ``auto`` would NOT pick for tensors on ``device``,
     so a test of forcing can fail."""
     auto = backend_for(torch.zeros(1, device=device))
-    for name in ("triton", "torch", "cuda"):
+    for name in ("triton", "torch", "cpu", "cuda"):
         if name != auto and ops.unavailable_reason(name, device) is None:
             return name
     pytest.skip(f"only {auto!r} runs on {device}")

@@ -1,7 +1,8 @@
 """Backend registry: which implementation runs an op for a given tensor.
 
-Order for CUDA tensors is cuda -> triton -> torch; CPU tensors use torch.
-``TEACACHE_FAST_BACKEND=auto|cuda|triton|torch`` (read on every call) or
+Order for CUDA tensors is cuda -> triton -> torch; CPU tensors use cpu (the
+native C kernels, compiled on first use; see backends/cpu.py) -> torch.
+``TEACACHE_FAST_BACKEND=auto|cuda|triton|cpu|torch`` (read on every call) or
 :func:`use_backend` forces one. A forced backend that cannot run raises
 :class:`BackendUnavailableError` with the reason; it never falls back silently.
 """
@@ -19,7 +20,7 @@ from typing import Iterator
 # the name `torch` in this package's namespace and would shadow the library.
 import torch as _torch
 
-BACKENDS = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "triton", "cpu", "torch")
 _CHOICES = ("auto",) + BACKENDS
 _ENV = "TEACACHE_FAST_BACKEND"
 
@@ -44,6 +45,14 @@ def _triton_reason(device: _torch.device) -> str | None:
         return ("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 "
                 "before triton is first imported")
     return f"triton does not support device type {device.type!r}"
+
+
+def _cpu_reason(device: _torch.device) -> str | None:
+    """None when the native CPU kernels can run on ``device``, else why not."""
+    if device.type != "cpu":
+        return f"the cpu backend needs CPU tensors, got a tensor on {device}"
+    from .native.build import library
+    return library()[1]
 
 
 def _cuda_reason(device: _torch.device) -> str | None:
@@ -76,6 +85,8 @@ def unavailable_reason(name: str, device: _torch.device | str) -> str | None:
         return _triton_reason(device)
     if name == "cuda":
         return _cuda_reason(device)
+    if name == "cpu":
+        return _cpu_reason(device)
     raise ValueError(f"unknown backend {name!r}; expected one of {_CHOICES}")
 
 
@@ -116,6 +127,8 @@ def backend_for(tensor: _torch.Tensor) -> str:
             raise BackendUnavailableError(
                 f"backend {forced!r} was forced (via {_ENV} or use_backend) but cannot run: {reason}")
         return forced
+    if device.type == "cpu":
+        return "cpu" if _cpu_reason(device) is None else "torch"
     if device.type != "cuda":
         return "torch"
     for name in BACKENDS:

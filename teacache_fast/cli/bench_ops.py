@@ -109,11 +109,12 @@ def time_cuda(impls: Dict[str, Callable], repeats: int, max_seconds: float) -> D
 # --------------------------------------------------------------------------- running
 
 def backends_for_device(device: str) -> List[str]:
-    """Backends worth timing here: on CPU only torch (the Triton interpreter is no benchmark)."""
+    """Backends worth timing here: on CPU the native kernels and torch (the Triton
+    interpreter is no benchmark)."""
     from teacache_fast.ops import unavailable_reason
 
     if not device.startswith("cuda"):
-        return ["torch"]
+        return [b for b in ("cpu", "torch") if unavailable_reason(b, device) is None]
     return [b for b in ("cuda", "triton", "torch") if unavailable_reason(b, device) is None]
 
 

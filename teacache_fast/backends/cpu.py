@@ -1,0 +1,87 @@
+"""Native CPU backend: the fused indicator ops in one pass over each row.
+
+``modulate``, ``rel_l1_partials`` and ``modulated_rel_l1_`` run the C kernels
+of ``backends/native/cpu_kernels.c`` (compiled on first use, see
+``native/build.py``): each row is read once, normalized, modulated, rounded to
+the stored dtype and compared from a row-sized scratch, where the torch
+backend needs a dozen passes and as many op dispatches. The decision and the
+residual ops are one or two torch ops already and are the torch backend's.
+
+Arguments arrive checked and shaped by teacache_fast.ops (contiguous (B, R, C)
+rows; scale/shift contiguous (B or 1, C)). Results agree with the torch
+backend to fp32 rounding (sums in double, rows added in order, so the bits do
+not depend on the thread count), not bitwise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import torch as _reference
+from .native.build import library
+
+__all__ = ["modulate", "rel_l1_partials", "modulated_rel_l1_", "teacache_decide_",
+           "residual_capture_", "residual_apply_", "unavailable_reason"]
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_NORMS = {"layer": 0, "rms": 1, "none": 2}
+
+teacache_decide_ = _reference.teacache_decide_
+residual_capture_ = _reference.residual_capture_
+residual_apply_ = _reference.residual_apply_
+
+
+def unavailable_reason() -> Optional[str]:
+    return library()[1]
+
+
+def _lib():
+    lib, reason = library()
+    if lib is None:
+        raise RuntimeError(f"the native CPU kernels are not available: {reason}")
+    return lib
+
+
+def _params(t: Optional[Tensor]):
+    if t is None:
+        return None, 0, 0
+    return t.data_ptr(), _DTYPES[t.dtype], t.shape[0]
+
+
+def _partials(B: int, per_sample: bool) -> Tensor:
+    return torch.empty((B, 2) if per_sample else (2,), dtype=torch.float32)
+
+
+def _raise_if(status: int, op: str) -> None:
+    if status:
+        raise MemoryError(f"teacache_fast cpu backend: {op} could not allocate its row scratch")
+
+
+def modulate(x, scale, shift, norm: str, eps: float) -> Tensor:
+    B, R, C = x.shape
+    out = torch.empty_like(x)
+    _raise_if(_lib().tcf_cpu_modulate(x.data_ptr(), _DTYPES[x.dtype], *_params(scale), *_params(shift),
+                                      out.data_ptr(), B, R, C, _NORMS[norm], eps,
+                                      torch.get_num_threads()), "modulate")
+    return out
+
+
+def rel_l1_partials(cur, prev, per_sample: bool) -> Tensor:
+    B, L = cur.shape
+    out = _partials(B, per_sample)
+    _raise_if(_lib().tcf_cpu_rel_l1_partials(cur.data_ptr(), prev.data_ptr(), _DTYPES[cur.dtype], B, L,
+                                             int(per_sample), out.data_ptr(),
+                                             torch.get_num_threads()), "rel_l1_partials")
+    return out
+
+
+def modulated_rel_l1_(x, scale, shift, prev, norm: str, eps: float, per_sample: bool) -> Tensor:
+    B, R, C = x.shape
+    out = _partials(B, per_sample)
+    _raise_if(_lib().tcf_cpu_modulated_rel_l1(
+        x.data_ptr(), _DTYPES[x.dtype], *_params(scale), *_params(shift), prev.data_ptr(), B, R, C,
+        _NORMS[norm], eps, int(per_sample), out.data_ptr(), torch.get_num_threads()),
+        "modulated_rel_l1_")
+    return out

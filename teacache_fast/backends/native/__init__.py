@@ -1,0 +1,1 @@
+"""Native CPU kernels (cpu_kernels.c), compiled on first use; see build.py."""

@@ -1,0 +1,140 @@
+"""The native CPU backend (backends/cpu.py, native/cpu_kernels.c) beyond the
+shared op tests of test_ops.py (which run it against torch and float64 on every
+dtype and odd shape): its dtype rounding is torch's bit for bit, its sums do
+not depend on the thread count, and without a compiler CPU tensors fall back
+to the torch backend with the reason given."""
+import pytest
+import torch
+
+from teacache_fast import ops
+from teacache_fast.backends import backend_for, cpu, torch as reference
+from teacache_fast.backends.native import build
+
+pytestmark = pytest.mark.skipif(build.library()[0] is None,
+                                reason=f"native CPU kernels unavailable: {build.library()[1]}")
+
+
+def _edge_values(dtype) -> torch.Tensor:
+    """fp32 values around every rounding edge of ``dtype``: ties, subnormals,
+    the overflow threshold, signed zeros, inf, NaN."""
+    info = torch.finfo(dtype)
+    base = torch.tensor([0.0, -0.0, 1.0, -1.0, info.max, -info.max, info.tiny, info.tiny / 3,
+                         info.smallest_normal * 0.5, float("inf"), float("-inf"), float("nan"),
+                         info.max * 1.0001, info.max * 1.5, 65520.0, 65519.0, 2.0 ** -25,
+                         2.0 ** -24, 3 * 2.0 ** -25, 1e-30])
+    g = torch.Generator().manual_seed(0)
+    # random bit patterns cover every exponent; ties come from halfway mantissas
+    bits = torch.randint(-2**31, 2**31 - 1, (4000,), generator=g, dtype=torch.int64).to(torch.int32)
+    randoms = bits.view(torch.float32)
+    one = torch.tensor(1.0, dtype=dtype).float()
+    ties = (one + torch.arange(1, 200).float() * torch.finfo(dtype).eps * 0.5)
+    return torch.cat([base, randoms, ties, -ties])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rounding_to_16_bit_is_torchs(dtype):
+    # norm none, scale 0: m = x * 1 exactly in fp32, so the stored prev is the
+    # fp32 value rounded to dtype by the kernel, compared with torch's .to(dtype)
+    v = _edge_values(dtype)
+    C = v.numel()
+    x32 = v.view(1, 1, C)
+    scale = torch.zeros(1, C, dtype=torch.float32)
+    # x must be of prev's dtype for the op; pass the fp32 values through shift
+    # instead: m = 0 * (1 + 0) + shift = shift (one fp32 add of 0)
+    x = torch.zeros(1, 1, C, dtype=dtype)
+    prev = torch.zeros(1, 1, C, dtype=dtype)
+    cpu.modulated_rel_l1_(x, scale, x32.view(1, C), prev, "none", 1e-6, False)
+    want = (torch.zeros_like(x32) + x32).to(dtype)   # the fp32 m (0 + -0 is +0), rounded by torch
+    same = (prev.view(torch.int16) == want.view(torch.int16)) | (prev.isnan() & want.isnan())
+    assert bool(same.all()), v[~same.view(-1)][:8]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reading_16_bit_is_exact(dtype):
+    # modulate with norm none and no params returns x converted to fp32 and back:
+    # every 16-bit pattern (NaNs aside) survives the round trip
+    patterns = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = patterns.view(1, 1, -1)
+    out = cpu.modulate(x, None, None, "none", 1e-6)
+    same = (out.view(torch.int16) == x.view(torch.int16)) | (out.isnan() & x.isnan())
+    assert bool(same.all())
+
+
+def test_bits_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 300, 257, generator=g)          # above the one-thread size
+    scale, shift = torch.randn(3, 257, generator=g), torch.randn(1, 257, generator=g)
+    prev0 = torch.randn(3, 300, 257, generator=g)
+    cur, other = torch.randn(2, 70001, generator=g), torch.randn(2, 70001, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            prev = prev0.clone()
+            results.append((cpu.modulated_rel_l1_(x, scale, shift, prev, "layer", 1e-6, True), prev,
+                            cpu.modulate(x, scale, shift, "rms", 1e-6),
+                            cpu.rel_l1_partials(cur, other, True)))
+    finally:
+        torch.set_num_threads(threads)
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            assert torch.equal(a, b)
+
+
+def test_agrees_with_the_torch_backend_on_a_flux_sized_row():
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(1, 64, 3072, generator=g) * 3 + 5).to(torch.bfloat16)
+    scale = torch.randn(1, 3072, generator=g, dtype=torch.float32) * 0.1
+    shift = torch.randn(1, 3072, generator=g).to(torch.bfloat16)
+    p_native, p_torch = torch.randn(1, 64, 3072, generator=g).to(torch.bfloat16), None
+    p_torch = p_native.clone()
+    a = cpu.modulated_rel_l1_(x, scale, shift, p_native, "layer", 1e-6, False)
+    b = reference.modulated_rel_l1_(x, scale, shift, p_torch, "layer", 1e-6, False)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    # the stored indicators differ at most by one bf16 ulp where m sat on a rounding edge
+    differ = (p_native != p_torch).float().mean().item()
+    assert differ < 0.01
+    torch.testing.assert_close(p_native.float(), p_torch.float(), rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_without_a_compiler_cpu_tensors_take_the_torch_backend(monkeypatch, tmp_path):
+    monkeypatch.setenv("TEACACHE_FAST_HOME", str(tmp_path))   # nothing cached there
+    monkeypatch.setattr(build, "_compiler", lambda: None)
+    build.library.cache_clear()
+    try:
+        assert "no C compiler" in ops.unavailable_reason("cpu", "cpu")
+        assert backend_for(torch.zeros(1)) == "torch"
+        out = ops.modulated_rel_l1_(torch.randn(1, 2, 8), None, None, torch.zeros(1, 2, 8))
+        assert out.shape == (2,)
+        with ops.use_backend("cpu"), pytest.raises(ops.BackendUnavailableError, match="no C compiler"):
+            ops.modulate(torch.randn(1, 2, 8), None, None)
+    finally:
+        build.library.cache_clear()
+
+
+def test_a_failing_compile_is_reported_and_nothing_half_written_is_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("TEACACHE_FAST_HOME", str(tmp_path))
+    monkeypatch.setattr(build, "_compile", lambda cc, out, openmp: (False, "error: boom"))
+    build.library.cache_clear()
+    try:
+        assert "compiling cpu_kernels.c failed: error: boom" in build.library()[1]
+        assert not list((tmp_path / "native").glob("*.so"))
+    finally:
+        build.library.cache_clear()
+
+
+def test_the_library_is_built_once_into_the_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TEACACHE_FAST_HOME", str(tmp_path))
+    build.library.cache_clear()
+    try:
+        lib, reason = build.library()
+        assert reason is None and lib is not None
+        built = list((tmp_path / "native").glob("tcf_cpu_*.so"))
+        assert len(built) == 1
+        mtime = built[0].stat().st_mtime_ns
+        build.library.cache_clear()
+        assert build.library()[0] is not None          # a new process reuses the file
+        assert built[0].stat().st_mtime_ns == mtime
+    finally:
+        build.library.cache_clear()
