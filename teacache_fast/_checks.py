@@ -93,7 +93,7 @@ def _modulation_rows(name: str, p, x: Tensor) -> Optional[Tensor]:
     if not ok:
         raise ValueError(f"{name} must have shape ({B}, {C}), ({B}, 1, {C}) or a batch of 1 "
                          f"to broadcast, for x of shape {tuple(x.shape)}; got {tuple(p.shape)}")
-    return p.reshape(p.shape[0], C)
+    return p if p.dim() == 2 else p.reshape(p.shape[0], C)
 
 
 def _check_x(x: Tensor) -> None:

@@ -20,6 +20,8 @@ from typing import Iterator
 # the name `torch` in this package's namespace and would shadow the library.
 import torch as _torch
 
+from .native import build as _native
+
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 _CHOICES = ("auto",) + BACKENDS
 _ENV = "TEACACHE_FAST_BACKEND"
@@ -51,8 +53,7 @@ def _cpu_reason(device: _torch.device) -> str | None:
     """None when the native CPU kernels can run on ``device``, else why not."""
     if device.type != "cpu":
         return f"the cpu backend needs CPU tensors, got a tensor on {device}"
-    from .native.build import library
-    return library()[1]
+    return _native.library()[1]
 
 
 def _cuda_reason(device: _torch.device) -> str | None:
@@ -127,8 +128,8 @@ def backend_for(tensor: _torch.Tensor) -> str:
             raise BackendUnavailableError(
                 f"backend {forced!r} was forced (via {_ENV} or use_backend) but cannot run: {reason}")
         return forced
-    if device.type == "cpu":
-        return "cpu" if _cpu_reason(device) is None else "torch"
+    if device.type == "cpu":  # built (or found unavailable) once per process
+        return "torch" if _native.library()[0] is None else "cpu"
     if device.type != "cuda":
         return "torch"
     for name in BACKENDS:
