@@ -138,3 +138,14 @@ def test_the_library_is_built_once_into_the_cache_dir(monkeypatch, tmp_path):
         assert built[0].stat().st_mtime_ns == mtime
     finally:
         build.library.cache_clear()
+
+
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "serial"])
+def test_the_source_compiles_warning_free(tmp_path, openmp):
+    # the runtime build takes any warning; CI holds the source to -Wall -Wextra -Werror
+    import subprocess
+    cc = build._compiler()
+    cmd = [cc, *build.FLAGS, "-Wall", "-Wextra", "-Werror", *(["-fopenmp"] if openmp else []),
+           str(build.SOURCE), "-o", str(tmp_path / "k.so"), "-lm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -17,6 +17,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Helpers are inlined into each entry point, and each entry point is compiled
  * twice (AVX2 and the x86-64 baseline, or the baseline alone elsewhere) and
@@ -143,22 +146,60 @@ static inline float checked_rstd(float var, float eps) {
 HOT void modulate_row(const Rows* a, int64_t row, float* restrict m) {
     const int64_t C = a->C, b = row / a->R;
     load_row(a->x, a->dt, row * C, C, m);
+    /* one pass for the rest: (m - mu) * r is exactly torch's (m - mean) * rstd for
+       layer, m * rstd for rms (m - 0 is m) and m for none (r = 1); a missing scale
+       is a multiply by 1 (exact), a missing shift is no add (m + 0 would turn -0
+       into +0) */
+    float mu = 0.0f, r = 1.0f;
     if (a->norm == NORM_LAYER) {
-        const float mean = (float)(sum_of(m, C) / (double)C);
-        const float rstd = checked_rstd((float)(sum_of_squares(m, C, mean) / (double)C), a->eps);
-        for (int64_t c = 0; c < C; c++) m[c] = (m[c] - mean) * rstd;
+        mu = (float)(sum_of(m, C) / (double)C);
+        r = checked_rstd((float)(sum_of_squares(m, C, mu) / (double)C), a->eps);
     } else if (a->norm == NORM_RMS) {
-        const float rstd = checked_rstd((float)(sum_of_squares(m, C, 0.0f) / (double)C), a->eps);
-        for (int64_t c = 0; c < C; c++) m[c] = m[c] * rstd;
+        r = checked_rstd((float)(sum_of_squares(m, C, 0.0f) / (double)C), a->eps);
     }
-    if (a->scale1p) {
-        const float* restrict s = a->scale1p + (a->scale_b > 1 ? b : 0) * C;
-        for (int64_t c = 0; c < C; c++) m[c] = m[c] * s[c];
+    const float* restrict s = a->scale1p ? a->scale1p + (a->scale_b > 1 ? b : 0) * C : NULL;
+    const float* restrict t = a->shift ? a->shift + (a->shift_b > 1 ? b : 0) * C : NULL;
+    if (s && t)      for (int64_t c = 0; c < C; c++) m[c] = (m[c] - mu) * r * s[c] + t[c];
+    else if (s)      for (int64_t c = 0; c < C; c++) m[c] = (m[c] - mu) * r * s[c];
+    else if (t)      for (int64_t c = 0; c < C; c++) m[c] = (m[c] - mu) * r + t[c];
+    else             for (int64_t c = 0; c < C; c++) m[c] = (m[c] - mu) * r;
+}
+
+/* One row of the indicator in one pass: q = prev, prev <- m rounded to its dtype
+ * (st, read back), lanes of |st - q| and |q|. */
+#define COMPARE_ROW(T, READ, ROUND, BACK)                                              \
+    {                                                                                  \
+        T* restrict h = (T*)prev + base;                                               \
+        float d[LANES] = {0}, p[LANES] = {0};                                          \
+        int64_t c = 0;                                                                 \
+        for (; c + LANES <= C; c += LANES)                                             \
+            for (int j = 0; j < LANES; j++) {                                          \
+                const float q = READ(h[c + j]);                                        \
+                const T hs = ROUND(m[c + j]);                                          \
+                h[c + j] = hs;                                                         \
+                d[j] += fabsf(BACK(hs) - q);                                           \
+                p[j] += fabsf(q);                                                      \
+            }                                                                          \
+        for (int j = 0; c < C; c++, j++) {                                             \
+            const float q = READ(h[c]);                                                \
+            const T hs = ROUND(m[c]);                                                  \
+            h[c] = hs;                                                                 \
+            d[j] += fabsf(BACK(hs) - q);                                               \
+            p[j] += fabsf(q);                                                          \
+        }                                                                              \
+        out[0] = combine(d);                                                           \
+        out[1] = combine(p);                                                           \
     }
-    if (a->shift) {
-        const float* restrict t = a->shift + (a->shift_b > 1 ? b : 0) * C;
-        for (int64_t c = 0; c < C; c++) m[c] = m[c] + t[c];
-    }
+
+HOT void compare_row(const float* restrict m, void* prev, int dt, int64_t base, int64_t C,
+                     double* out) {
+    if (dt == DT_F32) {   /* nothing to round: two plain lane sums, then the copy */
+        float* restrict q = (float*)prev + base;
+        out[0] = sum_abs_diff(m, q, C);
+        out[1] = sum_abs(q, C);
+        memcpy(q, m, (size_t)C * sizeof(float));
+    } else if (dt == DT_BF16) COMPARE_ROW(uint16_t, bf16_to_f32, f32_to_bf16, bf16_to_f32)
+    else COMPARE_ROW(uint16_t, f16_to_f32, f32_to_f16, f16_to_f32)
 }
 
 /* fp32 copies of the modulation rows ((1 + scale) as torch computes it), made once per call */
@@ -187,45 +228,86 @@ HOT int params_of(Rows* a, const void* scale, int scale_dt, int64_t scale_b, con
     return 0;
 }
 
-/* below this many elements a call runs on one thread: waking a team costs more */
+/* ------------------------------------------------------------------ threads
+ * Work items (rows, or chunks) are split into one contiguous range per thread.
+ * Below PARALLEL_MIN elements a call stays on the calling thread, with no
+ * OpenMP region at all: waking a team costs more than the work. */
 #define PARALLEL_MIN (1 << 16)
 
-HOT int team(int threads, int64_t elements) {
-    return elements < PARALLEL_MIN || threads < 1 ? 1 : threads;
-}
+typedef int (*Range)(const void* ctx, int64_t lo, int64_t hi);   /* 0, or 1: out of memory */
 
-/* ------------------------------------------------------------------ entry points
- * Each returns 0, or 1 when a scratch buffer could not be allocated. */
-
-ENTRY int tcf_cpu_modulate(const void* x, int x_dt, const void* scale, int scale_dt, int64_t scale_b,
-                     const void* shift, int shift_dt, int64_t shift_b, void* out, int64_t B,
-                     int64_t R, int64_t C, int norm, float eps, int threads) {
-    Rows a = {x, x_dt, norm, R, C, NULL, NULL, 1, 1, eps};
-    float* owned;
-    if (params_of(&a, scale, scale_dt, scale_b, shift, shift_dt, shift_b, &owned)) return 1;
+static int run_ranges(Range fn, const void* ctx, int64_t items, int threads, int64_t elements) {
+    if (elements < PARALLEL_MIN || threads <= 1 || items < 2) return fn(ctx, 0, items);
+#ifdef _OPENMP
     int failed = 0;
-    #pragma omp parallel num_threads(team(threads, B * R * C)) reduction(|: failed)
+    #pragma omp parallel num_threads(threads) reduction(|: failed)
     {
-        float* m = (float*)malloc((size_t)C * sizeof(float));
-        if (!m) failed = 1;
-        #pragma omp for schedule(static)
-        for (int64_t row = 0; row < B * R; row++) {
-            if (!m) continue;
-            modulate_row(&a, row, m);
-            store_row(out, x_dt, row * C, C, m);
-        }
-        free(m);
+        const int64_t t = omp_get_thread_num(), k = omp_get_num_threads();
+        failed |= fn(ctx, items * t / k, items * (t + 1) / k);
     }
-    free(owned);
     return failed;
+#else
+    return fn(ctx, 0, items);
+#endif
 }
 
-/* sums (B x 2, or 2) of per-row [diff, den] pairs, rows in order */
-HOT void add_rows(const double* rows, int64_t B, int64_t R, int per_sample, float* partials) {
+typedef struct { Rows a; void* dst; double* sums; } Job;
+
+/* ------------------------------------------------------------------ the ranges */
+
+ENTRY static int modulate_range(const void* ctx, int64_t lo, int64_t hi) {
+    const Job* j = (const Job*)ctx;
+    const int64_t C = j->a.C;
+    float* m = (float*)malloc((size_t)C * sizeof(float));
+    if (!m) return 1;
+    for (int64_t row = lo; row < hi; row++) {
+        modulate_row(&j->a, row, m);
+        store_row(j->dst, j->a.dt, row * C, C, m);
+    }
+    free(m);
+    return 0;
+}
+
+/* per row: [sum |stored - prev|, sum |prev|]; prev <- m rounded to prev's dtype */
+ENTRY static int indicator_range(const void* ctx, int64_t lo, int64_t hi) {
+    const Job* j = (const Job*)ctx;
+    const int64_t C = j->a.C;
+    float* m = (float*)malloc((size_t)C * sizeof(float));
+    if (!m) return 1;
+    for (int64_t row = lo; row < hi; row++) {
+        modulate_row(&j->a, row, m);
+        compare_row(m, j->dst, j->a.dt, row * C, C, j->sums + 2 * row);
+    }
+    free(m);
+    return 0;
+}
+
+/* rel_l1_partials: chunk k of a (B, L) pair; Rows.x = cur, dst = prev, C = L */
+#define CHUNK 4096
+
+ENTRY static int rel_l1_range(const void* ctx, int64_t lo, int64_t hi) {
+    const Job* j = (const Job*)ctx;
+    const int64_t L = j->a.C, chunks = (L + CHUNK - 1) / CHUNK;
+    float* buf = (float*)malloc((size_t)(2 * CHUNK) * sizeof(float));
+    if (!buf) return 1;
+    for (int64_t k = lo; k < hi; k++) {
+        const int64_t b = k / chunks, start = (k % chunks) * CHUNK;
+        const int64_t n = (start + CHUNK < L ? start + CHUNK : L) - start;
+        load_row(j->a.x, j->a.dt, b * L + start, n, buf);
+        load_row(j->dst, j->a.dt, b * L + start, n, buf + CHUNK);
+        j->sums[2 * k] = sum_abs_diff(buf, buf + CHUNK, n);
+        j->sums[2 * k + 1] = sum_abs(buf + CHUNK, n);
+    }
+    free(buf);
+    return 0;
+}
+
+/* sums (B x 2, or 2) of per-item [diff, den] pairs, items in order */
+static void add_items(const double* sums, int64_t B, int64_t per_b, int per_sample, float* partials) {
     double tot[2] = {0.0, 0.0};
     for (int64_t b = 0; b < B; b++) {
         double d = 0.0, p = 0.0;
-        for (int64_t r = b * R; r < (b + 1) * R; r++) { d += rows[2 * r]; p += rows[2 * r + 1]; }
+        for (int64_t r = b * per_b; r < (b + 1) * per_b; r++) { d += sums[2 * r]; p += sums[2 * r + 1]; }
         if (per_sample) { partials[2 * b] = (float)d; partials[2 * b + 1] = (float)p; }
         tot[0] += d;
         tot[1] += p;
@@ -233,66 +315,44 @@ HOT void add_rows(const double* rows, int64_t B, int64_t R, int per_sample, floa
     if (!per_sample) { partials[0] = (float)tot[0]; partials[1] = (float)tot[1]; }
 }
 
-/* partials (per_sample ? B x 2 : 2) = [sum |m - prev|, sum |prev|]; prev <- m,
- * where m is rounded to prev's dtype first (the values the next call reads) */
-ENTRY int tcf_cpu_modulated_rel_l1(const void* x, int x_dt, const void* scale, int scale_dt,
-                             int64_t scale_b, const void* shift, int shift_dt, int64_t shift_b,
-                             void* prev, int64_t B, int64_t R, int64_t C, int norm, float eps,
-                             int per_sample, float* partials, int threads) {
-    Rows a = {x, x_dt, norm, R, C, NULL, NULL, 1, 1, eps};
+/* ------------------------------------------------------------------ entry points
+ * Each returns 0, or 1 when a scratch buffer could not be allocated. */
+
+int tcf_cpu_modulate(const void* x, int x_dt, const void* scale, int scale_dt, int64_t scale_b,
+                     const void* shift, int shift_dt, int64_t shift_b, void* out, int64_t B,
+                     int64_t R, int64_t C, int norm, float eps, int threads) {
+    Job j = {{x, x_dt, norm, R, C, NULL, NULL, 1, 1, eps}, out, NULL};
     float* owned;
-    if (params_of(&a, scale, scale_dt, scale_b, shift, shift_dt, shift_b, &owned)) return 1;
-    double* rows = (double*)malloc((size_t)(B * R) * 2 * sizeof(double));
-    int failed = rows == NULL;
-    #pragma omp parallel num_threads(team(threads, B * R * C)) reduction(|: failed) if(!failed)
-    {
-        float* m = (float*)malloc((size_t)(2 * C) * sizeof(float));
-        if (!m) failed = 1;
-        #pragma omp for schedule(static)
-        for (int64_t row = 0; row < B * R; row++) {
-            if (!m || !rows) continue;
-            float* old = m + C;
-            modulate_row(&a, row, m);
-            load_row(prev, x_dt, row * C, C, old);
-            store_row(prev, x_dt, row * C, C, m);
-            rows[2 * row] = sum_abs_diff(m, old, C);
-            rows[2 * row + 1] = sum_abs(old, C);
-        }
-        free(m);
-    }
-    if (!failed) add_rows(rows, B, R, per_sample, partials);
-    free(rows);
+    if (params_of(&j.a, scale, scale_dt, scale_b, shift, shift_dt, shift_b, &owned)) return 1;
+    const int failed = run_ranges(modulate_range, &j, B * R, threads, B * R * C);
     free(owned);
     return failed;
 }
 
-/* partials of rel_l1_partials: cur, prev (B, L) of one dtype. Fixed chunks of
- * CHUNK elements, added in order: the same bits for any thread count. */
-#define CHUNK 4096
+/* partials (per_sample ? B x 2 : 2) = [sum |m - prev|, sum |prev|]; prev <- m,
+ * where m is rounded to prev's dtype first (the values the next call reads) */
+int tcf_cpu_modulated_rel_l1(const void* x, int x_dt, const void* scale, int scale_dt,
+                             int64_t scale_b, const void* shift, int shift_dt, int64_t shift_b,
+                             void* prev, int64_t B, int64_t R, int64_t C, int norm, float eps,
+                             int per_sample, float* partials, int threads) {
+    Job j = {{x, x_dt, norm, R, C, NULL, NULL, 1, 1, eps}, prev, NULL};
+    float* owned;
+    if (params_of(&j.a, scale, scale_dt, scale_b, shift, shift_dt, shift_b, &owned)) return 1;
+    j.sums = (double*)malloc((size_t)(B * R) * 2 * sizeof(double));
+    int failed = j.sums == NULL || run_ranges(indicator_range, &j, B * R, threads, B * R * C);
+    if (!failed) add_items(j.sums, B, R, per_sample, partials);
+    free(j.sums);
+    free(owned);
+    return failed;
+}
 
-ENTRY int tcf_cpu_rel_l1_partials(const void* cur, const void* prev, int dt, int64_t B, int64_t L,
+int tcf_cpu_rel_l1_partials(const void* cur, const void* prev, int dt, int64_t B, int64_t L,
                             int per_sample, float* partials, int threads) {
     const int64_t chunks = (L + CHUNK - 1) / CHUNK;
-    double* rows = (double*)malloc((size_t)(B * chunks) * 2 * sizeof(double));
-    if (!rows) return 1;
-    int failed = 0;
-    #pragma omp parallel num_threads(team(threads, B * L)) reduction(|: failed)
-    {
-        float* buf = (float*)malloc((size_t)(2 * CHUNK) * sizeof(float));
-        if (!buf) failed = 1;
-        #pragma omp for schedule(static)
-        for (int64_t k = 0; k < B * chunks; k++) {
-            if (!buf) continue;
-            const int64_t b = k / chunks, lo = (k % chunks) * CHUNK;
-            const int64_t n = (lo + CHUNK < L ? lo + CHUNK : L) - lo;
-            load_row(cur, dt, b * L + lo, n, buf);
-            load_row(prev, dt, b * L + lo, n, buf + CHUNK);
-            rows[2 * k] = sum_abs_diff(buf, buf + CHUNK, n);
-            rows[2 * k + 1] = sum_abs(buf + CHUNK, n);
-        }
-        free(buf);
-    }
-    if (!failed) add_rows(rows, B, chunks, per_sample, partials);
-    free(rows);
+    Job j = {{cur, dt, NORM_NONE, 1, L, NULL, NULL, 1, 1, 0.0f}, (void*)prev, NULL};
+    j.sums = (double*)malloc((size_t)(B * chunks) * 2 * sizeof(double));
+    int failed = j.sums == NULL || run_ranges(rel_l1_range, &j, B * chunks, threads, B * L);
+    if (!failed) add_items(j.sums, B, chunks, per_sample, partials);
+    free(j.sums);
     return failed;
 }
