@@ -77,6 +77,8 @@ def _check_like(name: str, t, ref_name: str, ref: Tensor) -> None:
 def _check_norm(norm, eps) -> None:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if type(eps) is float and 0.0 < eps < math.inf:  # the common case, without the ABC check
+        return
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 

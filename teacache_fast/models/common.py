@@ -28,7 +28,9 @@ def reference(*paths: str) -> str:
 def ada_norm_zero(norm1: nn.Module, x: Tensor, temb: Tensor) -> Modulated:
     """Indicator of an AdaLayerNormZero ``norm1`` (FLUX, HunyuanVideo): the msa
     shift/scale of ``linear(silu(temb))`` on a LayerNorm without affine."""
-    lin, h = norm1.linear, norm1.silu(temb)
+    act = norm1.silu
+    # the functional form of a plain SiLU: no module call on the host path
+    lin, h = norm1.linear, F.silu(temb) if type(act) is nn.SiLU else act(temb)
     if type(lin) is nn.Linear and lin.out_features % 6 == 0:
         # Only the first two of the six chunks are needed: a third of the
         # weight is read (the full linear is ~100 MB for FLUX; the block runs
