@@ -47,6 +47,14 @@ def backend_report() -> dict[str, str]:
             else:
                 report[name] = "installed, no CUDA device (set TRITON_INTERPRET=1 to run on CPU tensors)"
             continue
+        if name == "cpu":
+            reason = unavailable_reason("cpu", "cpu")
+            if reason is None:
+                from teacache_fast.backends.native.build import cache_dir
+                report[name] = f"available on CPU tensors (native kernels cached in {cache_dir()})"
+            else:
+                report[name] = f"unavailable, CPU tensors use torch: {reason}"
+            continue
         report[name] = "available (reference; CPU and any device)"
     return report
 
