@@ -50,8 +50,8 @@ def backend_report() -> dict[str, str]:
         if name == "cpu":
             reason = unavailable_reason("cpu", "cpu")
             if reason is None:
-                from teacache_fast.backends.native.build import cache_dir
-                report[name] = f"available on CPU tensors (native kernels cached in {cache_dir()})"
+                report[name] = ("available on CPU tensors (native kernels, compiled on first use "
+                                "into $TEACACHE_FAST_HOME/native)")
             else:
                 report[name] = f"unavailable, CPU tensors use torch: {reason}"
             continue
