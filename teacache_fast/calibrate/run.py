@@ -95,7 +95,8 @@ def record(target, run_fn: Callable[[object, int], object], runs: int, *,
 
 
 def calibrate(model_or_factory, run_fn: Callable[[object, int], object], *, runs: int = 8,
-              num_steps: Optional[int] = None, degree: int = 4, step_range=None,
+              num_steps: Optional[int] = None, degree=4, step_range=None,
+              convention: str = "all-pairs",
               preset: Optional[str] = None, variant: Optional[str] = None, adapter=None,
               progress: bool = False, **config) -> CalibrationResult:
     """Record ``runs`` generations without skipping, fit the polynomial, return the result.
@@ -105,7 +106,9 @@ def calibrate(model_or_factory, run_fn: Callable[[object, int], object], *, runs
     whole generation for run r (e.g. prompt r % len(prompts), seed r); it must
     call the model once per step and CFG branch. num_steps: calls per branch
     per run (None: found from the first run). step_range: (start, end) of the
-    steps whose pairs are fitted (default all). preset / variant / adapter: how
+    steps whose pairs are fitted (default all). degree: an int or "auto"
+    (chosen by held-out error). convention: "all-pairs" (default, as the
+    official scripts) or "step-means". preset / variant / adapter: how
     the cache attaches (default: the preset of the model's class; a custom
     Adapter for other models). ``config``: TeaCacheConfig fields that shape
     the decision, used by the replay (ret_steps, start, end,
@@ -124,4 +127,4 @@ def calibrate(model_or_factory, run_fn: Callable[[object, int], object], *, runs
                                variant=variant, adapter=adapter, progress=progress, **config)
     return fit_recording(recording, degree, step_range=step_range, variant=variant, forced=forced,
                          max_consecutive_skips=config.get("max_consecutive_skips"),
-                         backend=config.get("backend"))
+                         backend=config.get("backend"), convention=convention)

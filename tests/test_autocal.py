@@ -1,0 +1,141 @@
+"""coefficients="auto": self-calibration on the tiny FLUX and a two-expert pipeline (issue 17)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import warnings
+
+import pytest
+import torch
+
+import teacache_fast as tf
+from teacache_fast.calibrate.auto import AutoSettings, calibration_home, calibration_path
+from teacache_fast.models import adapter_for
+from tiny_models import euler_sample, tiny_flux
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+STEPS = 12
+LOOSE = {"min_r2": 0.5}   # the tiny random model's fit: R^2 ~0.66 on one generation
+
+
+def _run(tiny, x0):
+    return euler_sample(tiny, x0, STEPS, guidance=3.0)
+
+
+def test_auto_calibrates_in_generation_one_and_caches_from_two(tiny, tmp_path, caplog):
+    x0 = tiny.latents(1)
+    reference = _run(tiny, x0)
+    tf.apply_teacache(tiny.model, coefficients="auto", threshold=0.3, num_steps=STEPS,
+                      calibration_dir=tmp_path, calibration=LOOSE)
+    try:
+        with caplog.at_level(logging.INFO, logger="teacache_fast.calibrate"):
+            first = _run(tiny, x0)
+        st = tf.stats(tiny.model)
+        assert torch.equal(first, reference)               # uncached: bitwise the model
+        assert st["skipped"] == 0 and st["computed"] == 2 * STEPS
+        cal = st["calibration"]
+        assert cal["state"] == "calibrated" and cal["generation"] == 1
+        path = cal["path"]
+        assert os.path.dirname(path) == str(tmp_path) and os.path.isfile(path)
+        assert path == str(calibration_path(tiny.model, "dev", None, tmp_path))
+        logged = [r.getMessage() for r in caplog.records if "calibrated" in r.getMessage()]
+        assert len(logged) == 1 and "generation 1" in logged[0] and path in logged[0]
+        stored = tf.calibrate.load_preset_json(path)
+        assert stored["coefficients"] == cal["coefficients"]
+        assert stored["calibrated_generation"] == 1 and stored["num_pairs"] == 2 * (STEPS - 1)
+        second = _run(tiny, x0)
+        st2 = tf.stats(tiny.model)
+        assert st2["skipped"] > 0 and st2["threshold"] == 0.3
+    finally:
+        tf.remove_teacache(tiny.model)
+    # the same run with the fitted set given explicitly
+    tf.apply_teacache(tiny.model, coefficients=stored["coefficients"], threshold=0.3, num_steps=STEPS)
+    try:
+        explicit = _run(tiny, x0)
+        assert tf.stats(tiny.model)["branches"] == st2["branches"]
+    finally:
+        tf.remove_teacache(tiny.model)
+    assert torch.equal(second, explicit)
+
+    # a later apply on the same model config loads the stored fit: no recording
+    tf.apply_teacache(tiny.model, coefficients="auto", threshold=0.3, num_steps=STEPS,
+                      calibration_dir=tmp_path)
+    try:
+        again = _run(tiny, x0)
+        st3 = tf.stats(tiny.model)
+        assert st3["calibration"]["state"] == "loaded" and st3["calibration"]["path"] == path
+        assert torch.equal(again, explicit) and st3["branches"] == st2["branches"]
+    finally:
+        tf.remove_teacache(tiny.model)
+
+
+def test_default_threshold_comes_from_the_fit(tiny, tmp_path):
+    x0 = tiny.latents(1)
+    tf.apply_teacache(tiny.model, coefficients="auto", num_steps=STEPS, calibration_dir=tmp_path,
+                      calibration=LOOSE)
+    try:
+        _run(tiny, x0)
+        st = tf.stats(tiny.model)
+        stored = json.loads(open(st["calibration"]["path"]).read())
+        table = {r["threshold"]: r["speedup"] for r in stored["thresholds"]}
+        t = stored["auto_threshold"]
+        assert t in table and table[t] <= 1.5
+        assert all(s > 1.5 for th, s in table.items() if th > t)
+        assert st["threshold"] == t
+    finally:
+        tf.remove_teacache(tiny.model)
+
+
+def test_failed_fit_stays_uncached_with_a_warning_naming_the_figure(tiny, tmp_path):
+    """A constant indicator: no curve can be fitted; the model stays uncached."""
+    constant = dataclasses.replace(adapter_for(tiny.model),
+                                   indicator=lambda call: torch.ones(1, 8))
+    x0 = tiny.latents(1)
+    reference = _run(tiny, x0)
+    tf.apply_teacache(tiny.model, coefficients="auto", threshold=0.3, num_steps=STEPS,
+                      calibration_dir=tmp_path, adapter=constant)
+    try:
+        with pytest.warns(RuntimeWarning, match="fit not used.*constant input"):
+            first = _run(tiny, x0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            second = _run(tiny, x0)
+        st = tf.stats(tiny.model)
+        assert st["calibration"]["state"] == "failed" and "constant input" in st["calibration"]["failure"]
+        assert st["skipped"] == 0 and st["threshold"] == 0.0
+        assert torch.equal(first, reference) and torch.equal(second, reference)
+        assert not any(tmp_path.iterdir())           # nothing stored
+    finally:
+        tf.remove_teacache(tiny.model)
+
+
+def test_low_r2_names_r2(tiny, tmp_path):
+    x0 = tiny.latents(1)
+    tf.apply_teacache(tiny.model, coefficients="auto", threshold=0.3, num_steps=STEPS,
+                      calibration_dir=tmp_path, calibration={"min_r2": 0.99})
+    try:
+        with pytest.warns(RuntimeWarning, match=r"R\^2 = 0\.\d+ < min_r2 0\.99"):
+            _run(tiny, x0)
+        assert tf.stats(tiny.model)["calibration"]["state"] == "failed"
+    finally:
+        tf.remove_teacache(tiny.model)
+
+
+def test_home_env_and_bad_arguments(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEACACHE_FAST_HOME", str(tmp_path / "home"))
+    assert calibration_home() == tmp_path / "home" / "calibrations"
+    assert calibration_path(tiny.model).parent == tmp_path / "home" / "calibrations"
+    with pytest.raises(ValueError, match="calibration runs"):
+        tf.apply_teacache(tiny.model, coefficients="auto", num_steps=4, calibration={"runs": 0})
+    with pytest.raises(TypeError, match="unknown key"):
+        tf.apply_teacache(tiny.model, coefficients="auto", num_steps=4, calibration={"rnus": 2})
+    with pytest.raises(ValueError, match="coefficients='auto' only"):
+        tf.apply_teacache(tiny.model, num_steps=4, calibration_dir=tmp_path)
+    with pytest.raises(ValueError, match="sync_free"):
+        tf.apply_teacache(tiny.model, coefficients="auto", num_steps=4, sync_free=True,
+                          calibration_dir=tmp_path)
+    assert not tf.is_cached(tiny.model)
+    assert AutoSettings.of(None).needed_pairs == 10
