@@ -139,3 +139,51 @@ def test_home_env_and_bad_arguments(tiny, tmp_path, monkeypatch):
                           calibration_dir=tmp_path)
     assert not tf.is_cached(tiny.model)
     assert AutoSettings.of(None).needed_pairs == 10
+
+
+def test_per_expert_fits_on_a_two_expert_wan_pipeline(tmp_path):
+    """Wan2.2-style: one fit and one JSON per transformer, each loaded again by apply_teacache."""
+    from test_diffusers_native import MiniPipe
+    from tiny_models import tiny_wan
+    n = 16
+    pipe = MiniPipe(tiny_wan(0), tiny_2=tiny_wan(1))
+    x0 = pipe.tiny.latents(1)
+    reference = pipe(x0, n, guidance=3.0, boundary=n // 2)
+    kw = dict(coefficients="auto", threshold=0.1, variant="t2v-1.3b", calibration_dir=tmp_path)
+    tf.apply_teacache(pipe, calibration={"min_r2": 0.0}, **kw)
+    try:
+        first = pipe(x0, n, guidance=3.0, boundary=n // 2)
+        st = tf.stats(pipe)
+    finally:
+        tf.remove_teacache(pipe)
+    assert torch.equal(first, reference)
+    cals = {name: s["calibration"] for name, s in st.items()}
+    assert sorted(cals) == ["transformer", "transformer_2"]
+    assert all(c["state"] == "calibrated" and c["generation"] == 1 for c in cals.values())
+    paths = {name: c["path"] for name, c in cals.items()}
+    assert len(set(paths.values())) == 2 and sorted(os.listdir(tmp_path)) == sorted(
+        os.path.basename(p) for p in paths.values())
+    assert "transformer_2" in os.path.basename(paths["transformer_2"])
+    assert cals["transformer"]["coefficients"] != cals["transformer_2"]["coefficients"]
+    for name, path in paths.items():   # each expert's own pairs: 2 branches x (8 calls - 1)
+        assert tf.calibrate.load_preset_json(path)["num_pairs"] == 2 * (n // 2 - 1)
+
+    tf.apply_teacache(pipe, **kw)      # loads both, records nothing
+    try:
+        st = tf.stats(pipe)
+        assert {k: v["calibration"]["state"] for k, v in st.items()} == {
+            "transformer": "loaded", "transformer_2": "loaded"}
+        assert {k: v["calibration"]["path"] for k, v in st.items()} == paths
+        pipe(x0, n, guidance=3.0, boundary=n // 2)
+        assert all(s["skipped"] > 0 for s in tf.stats(pipe).values())
+    finally:
+        tf.remove_teacache(pipe)
+    # a stored JSON is a preset file too (the adapter still comes from the class + variant)
+    wan = adapter_for(pipe.transformer_2, variant="t2v-1.3b")
+    tf.apply_teacache(pipe.transformer_2, preset=paths["transformer_2"], threshold=0.1, num_steps=n,
+                      adapter=wan)
+    try:
+        assert tf.inspect(pipe.transformer_2).config.coefficients == pytest.approx(
+            cals["transformer_2"]["coefficients"])
+    finally:
+        tf.remove_teacache(pipe.transformer_2)
