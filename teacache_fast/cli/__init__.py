@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "info": "teacache_fast.cli.info",
     "bench": "teacache_fast.cli.bench",
     "demo": "teacache_fast.cli.demo",
+    "sweep": "teacache_fast.cli.sweep",
 }
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "UsageError"]
