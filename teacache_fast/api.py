@@ -25,7 +25,7 @@ from .wrapper.cached_model import DENOISERS, diffusers_cache_in_use
 from .wrapper.device import model_device
 
 __all__ = ["apply_teacache", "remove_teacache", "reset", "stats", "inspect", "is_cached",
-           "teacache", "CacheView", "BranchView"]
+           "teacache", "denoisers", "CacheView", "BranchView"]
 
 _ATTR = "_teacache_fast"
 
@@ -49,6 +49,12 @@ def _targets(module: Any) -> List[Tuple[Optional[str], nn.Module, Any]]:
         raise TypeError(f"apply_teacache needs a torch.nn.Module or a pipeline with a .transformer, "
                         f"got {type(module).__name__}")
     return found
+
+
+def denoisers(module: Any) -> Dict[Optional[str], nn.Module]:
+    """What apply_teacache caches: {None: model} for a model, {name: model} for
+    every denoiser of a pipeline (``transformer``, ``transformer_2``, ...)."""
+    return {name: model for name, model, _ in _targets(module)}
 
 
 def _resolve_target(module: Any):

@@ -37,11 +37,11 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from ..preset_json import load_preset_json, save_preset_json
 from .fit import CONVENTIONS
-from .recording import CalibrationError, Recorder
+from .recording import CalibrationError, ExpertRecorder
 from .result import CalibrationResult, fit_recording
 
 __all__ = ["AutoSettings", "AutoCalibration", "calibration_home", "calibration_path", "config_hash",
@@ -154,8 +154,7 @@ class AutoCalibration:
         self.calibrated_at: Optional[int] = None
         self.failure: Optional[str] = None
         self.result: Optional[CalibrationResult] = None
-        self.recorder = Recorder(model_class)
-        self._offset: Dict[int, int] = {}   # branch -> its first step in this run (experts)
+        self.recorder = ExpertRecorder(model_class)   # an expert runs part of the steps
         self._last = False
         self._new = True
         self._retune: Optional[Callable[..., None]] = None
@@ -211,7 +210,6 @@ class AutoCalibration:
             return
         if reason == "call raised":
             self.recorder.start_run()   # an interrupted generation is not recorded
-            self._offset = {}
             return
         self._finish_run()
 
@@ -219,9 +217,8 @@ class AutoCalibration:
         """The observer: one computed call (every call, at threshold 0)."""
         if not self.recording:
             return
-        first = self._offset.setdefault(branch, step)
         try:
-            self.recorder(branch, step - first, partials, stream_in, stream_out)
+            self.recorder(branch, step, partials, stream_in, stream_out)
         except CalibrationError as exc:
             self._fail(f"the calls do not form one run per branch ({exc})")
             return
@@ -232,7 +229,6 @@ class AutoCalibration:
     # ------------------------------------------------------------ fit and check
 
     def _finish_run(self) -> None:
-        self._offset = {}
         if not self.recorder._inputs:
             return
         try:
