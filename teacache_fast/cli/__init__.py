@@ -6,7 +6,7 @@ them into argparse. A :class:`~teacache_fast.cli.args.UsageError` from a
 subcommand ends as argparse errors do: ``error: <message>``, exit code 2.
 
 Layering: this package uses the core through its public names only
-(``teacache_fast``, ``teacache_fast.ops``, ``teacache_fast.calibrate``,
+(``teacache_fast``, ``teacache_fast.ops``, ``teacache_fast.calibrate``, ``teacache_fast.quality``,
 ``teacache_fast.models``); nothing outside it imports it.
 """
 from __future__ import annotations

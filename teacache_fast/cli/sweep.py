@@ -5,7 +5,8 @@ noise and prompt embeddings), each timed; the final latents are compared with
 the uncached one by :mod:`teacache_fast.quality` (PSNR, SSIM; the packed FLUX
 latent is unpacked to ``(B, C, H, W)`` first, the data range is the uncached
 latent's). Writes ``sweep.csv`` (one row per run) and ``sweep.png`` (PSNR and
-SSIM against the wall-time speedup, each point labelled with its threshold);
+SSIM against the wall-time and the ideal speedup, each point labelled with its
+threshold);
 ``--save-latents`` also writes ``latents.pt`` ({"uncached": tensor,
 "thresholds": [...], "cached": [tensor, ...]}, packed, fp32).
 
@@ -79,12 +80,19 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     FigureCanvasAgg(fig)
     for ax, key, label in zip(fig.subplots(1, 2), ("psnr_db", "ssim"),
                               ("PSNR vs uncached (dB)", "SSIM vs uncached")):
-        pts = [(r["speedup"], r[key], r["threshold"]) for r in cached if math.isfinite(r[key])]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
-            for x, y, t in pts:
-                ax.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_xlabel("speedup (wall time) vs no cache")
+        for speed, style, what in (("speedup", "o-", "wall time"),
+                                   ("ideal_speedup", "s--", "ideal (total / computed steps)")):
+            pts = [(r[speed], r[key], r["threshold"]) for r in cached if math.isfinite(r[key])]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=what,
+                        fillstyle="full" if speed == "speedup" else "none")
+                for x, y, t in pts:
+                    ax.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.set_xlabel("speedup vs no cache")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle(textwrap.fill(title, 110), fontsize=8)
