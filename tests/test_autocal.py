@@ -187,3 +187,49 @@ def test_per_expert_fits_on_a_two_expert_wan_pipeline(tmp_path):
             cals["transformer_2"]["coefficients"])
     finally:
         tf.remove_teacache(pipe.transformer_2)
+
+
+def _result(coeffs, steps=12, runs=1):
+    import numpy as np
+    from teacache_fast import calibrate as cal
+    rec = cal.Recording(model_class="Toy")
+    for _ in range(runs):
+        x = np.linspace(0.05, 0.4, steps)
+        p = np.stack([(x * 80).astype(np.float32), np.full(steps, 80, np.float32)], axis=1)
+        p[0] = np.nan
+        y = np.polyval(coeffs, cal.relative_l1(p).astype(np.float64))
+        y[0] = np.nan
+        rec.partials.append({0: p})
+        rec.out_rel.append({0: y})
+    return cal.fit_recording(rec, degree=2)
+
+
+def test_checks_name_pairs_r2_and_positivity():
+    from teacache_fast.calibrate.auto import check_fit
+    good = _result([2.0, -0.5, 0.1])
+    assert check_fit(good, AutoSettings(degree=2)) is None
+    assert check_fit(good, AutoSettings(degree=2, min_pairs=12)) == (
+        "pairs = 11 < 12 needed (record more steps or runs: calibration runs=)")
+    crossing = _result([1.0, 0.0, -0.04])        # zero at x = 0.2, inside [0.05, 0.4]
+    assert crossing.r2 == pytest.approx(1.0)
+    assert check_fit(crossing, AutoSettings(degree=2)).startswith("positivity: the polynomial is not "
+                                                                  "positive over the recorded")
+
+
+def test_stored_fit_loads_in_sync_free_mode(tiny, tmp_path):
+    x0 = tiny.latents(1)
+    tf.apply_teacache(tiny.model, coefficients="auto", threshold=0.3, num_steps=STEPS,
+                      calibration_dir=tmp_path, calibration=LOOSE)
+    try:
+        _run(tiny, x0)
+        coefficients = tf.stats(tiny.model)["calibration"]["coefficients"]
+    finally:
+        tf.remove_teacache(tiny.model)
+    tf.apply_teacache(tiny.model, coefficients="auto", threshold=0.3, num_steps=STEPS,
+                      calibration_dir=tmp_path, sync_free=True, branches=2)
+    try:
+        view = tf.inspect(tiny.model)
+        assert view.mode == "sync_free" and list(view.config.coefficients) == pytest.approx(coefficients)
+        assert tf.stats(tiny.model)["calibration"]["state"] == "loaded"
+    finally:
+        tf.remove_teacache(tiny.model)
