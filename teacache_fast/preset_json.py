@@ -141,14 +141,22 @@ def load_preset_json(path) -> dict:
 
 
 def save_preset_json(data: dict, path) -> None:
-    """Validate ``data`` and write it as indented JSON (strict: no NaN)."""
+    """Validate ``data`` and write it as indented JSON (strict: no NaN), atomically."""
     clean = validate_preset({"format": FORMAT, "format_version": FORMAT_VERSION, **data}, path)
     parent = os.path.dirname(os.fspath(path))
     if parent:
         os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(clean, f, indent=2, allow_nan=False)
-        f.write("\n")
+    # written next to it, then renamed: a reader (another process loading a
+    # coefficients="auto" fit) never sees half a file
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(clean, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def looks_like_preset_path(preset) -> bool:

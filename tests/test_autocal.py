@@ -233,3 +233,24 @@ def test_stored_fit_loads_in_sync_free_mode(tiny, tmp_path):
         assert tf.stats(tiny.model)["calibration"]["state"] == "loaded"
     finally:
         tf.remove_teacache(tiny.model)
+
+
+def test_several_calibration_runs(tiny, tmp_path):
+    """calibration runs=2: generations 1 and 2 record (uncached), the fit comes at the end of 2."""
+    x0, x1 = tiny.latents(1), tiny.latents(1, seed=1)
+    references = [_run(tiny, x0), _run(tiny, x1)]
+    tf.apply_teacache(tiny.model, coefficients="auto", threshold=0.3, num_steps=STEPS,
+                      calibration_dir=tmp_path, calibration=dict(LOOSE, runs=2))
+    try:
+        assert torch.equal(_run(tiny, x0), references[0])
+        assert tf.stats(tiny.model)["calibration"]["state"] == "recording"
+        assert not any(tmp_path.iterdir())
+        assert torch.equal(_run(tiny, x1), references[1])
+        cal = tf.stats(tiny.model)["calibration"]
+        assert cal["state"] == "calibrated" and cal["generation"] == 2 and cal["runs_recorded"] == 2
+        stored = tf.calibrate.load_preset_json(cal["path"])
+        assert stored["num_runs"] == 2 and stored["num_pairs"] == 2 * 2 * (STEPS - 1)
+        _run(tiny, x0)
+        assert tf.stats(tiny.model)["skipped"] > 0
+    finally:
+        tf.remove_teacache(tiny.model)

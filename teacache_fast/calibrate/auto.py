@@ -229,7 +229,7 @@ class AutoCalibration:
     # ------------------------------------------------------------ fit and check
 
     def _finish_run(self) -> None:
-        if not self.recorder._inputs:
+        if not self.recorder.has_calls:
             return
         try:
             self.recorder.finish_run()

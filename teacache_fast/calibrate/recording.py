@@ -143,6 +143,11 @@ class Recorder:
         if self.on_call is not None:
             self.on_call(branch, step)
 
+    @property
+    def has_calls(self) -> bool:
+        """Whether the current run recorded any call."""
+        return bool(self._inputs)
+
     def finish_run(self) -> None:
         """Read the run's recordings back to the host and append them."""
         if not self._inputs:
