@@ -143,3 +143,50 @@ def test_per_expert_fits_of_a_two_expert_wan_pipeline(tmp_path):
     assert results["transformer"].coefficients != results["transformer_2"].coefficients
     with pytest.raises(cal.CalibrationError, match="record_experts"):
         cal.record(pipe, run_fn, 1, variant="t2v-1.3b")
+
+
+@pytest.mark.usefixtures("no_grad")
+def test_progress_bar_ticks_once_per_step(tiny, capsys):
+    from tiny_models import euler_sample
+    x0 = tiny.latents(1)
+    cal.calibrate(tiny.model, lambda m, r: euler_sample(tiny, x0, 5, guidance=2.0), runs=2,
+                  num_steps=5, degree=2, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrate" in err and "10/10" in err
+
+
+def test_cli_height_width_reach_the_pipeline(tmp_path, monkeypatch):
+    """--model PATH --height/--width: the pipeline gets them on every run."""
+    import argparse
+
+    import diffusers
+
+    from teacache_fast.cli import calibrate as cli_cal
+
+    calls = []
+
+    class FakePipe:
+        transformer = torch.nn.Linear(1, 1)
+
+        def to(self, device):
+            return self
+
+        def set_progress_bar_config(self, **kw):
+            pass
+
+        def __call__(self, **kw):
+            calls.append(kw)
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **kw: FakePipe()))
+    args = argparse.Namespace(model=tmp_path, device="cpu", dtype="fp32", seed=3, steps=4,
+                              height=320, width=192)
+    pipe, run_fn, num_steps, _ = cli_cal.pipeline_setup(args, ["a cat"])
+    run_fn(pipe, 0)
+    assert num_steps is None
+    assert calls[0]["height"] == 320 and calls[0]["width"] == 192
+    assert calls[0]["num_inference_steps"] == 4 and calls[0]["output_type"] == "latent"
+    args.height = args.width = None
+    _, run_fn, _, _ = cli_cal.pipeline_setup(args, ["a cat"])
+    run_fn(pipe, 0)
+    assert "height" not in calls[1] and "width" not in calls[1]
