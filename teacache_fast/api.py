@@ -25,7 +25,7 @@ from .wrapper.cached_model import DENOISERS, diffusers_cache_in_use
 from .wrapper.device import model_device
 
 __all__ = ["apply_teacache", "remove_teacache", "reset", "stats", "inspect", "is_cached",
-           "teacache", "CacheView", "BranchView"]
+           "teacache", "denoisers", "CacheView", "BranchView"]
 
 _ATTR = "_teacache_fast"
 
@@ -49,6 +49,12 @@ def _targets(module: Any) -> List[Tuple[Optional[str], nn.Module, Any]]:
         raise TypeError(f"apply_teacache needs a torch.nn.Module or a pipeline with a .transformer, "
                         f"got {type(module).__name__}")
     return found
+
+
+def denoisers(module: Any) -> Dict[Optional[str], nn.Module]:
+    """What apply_teacache caches: {None: model} for a model, {name: model} for
+    every denoiser of a pipeline (``transformer``, ``transformer_2``, ...)."""
+    return {name: model for name, model, _ in _targets(module)}
 
 
 def _resolve_target(module: Any):
@@ -117,7 +123,8 @@ def _build_config(model: nn.Module, adapter: Adapter, config: Optional[TeaCacheC
 def apply_teacache(module: Any, config: Optional[TeaCacheConfig] = None, *,
                    threshold: Optional[float] = None, preset: Optional[str] = None,
                    variant: Optional[str] = None, adapter: Optional[Adapter] = None,
-                   process_group: Any = None, **overrides) -> nn.Module:
+                   process_group: Any = None, calibration_dir: Any = None,
+                   calibration: Any = None, **overrides) -> nn.Module:
     """Attach TeaCache to a transformer (or a diffusers pipeline's transformer).
 
     config: a TeaCacheConfig; ``overrides`` (any of its fields) replace its
@@ -141,14 +148,28 @@ def apply_teacache(module: Any, config: Optional[TeaCacheConfig] = None, *,
     model's diffusers context-parallel config when it has one (found at each
     call, so ``enable_parallelism`` may come before or after), else no
     communication; a given group must cover the same ranks as that config.
-    False: no communication even then. Returns the transformer.
+    False: no communication even then.
+
+    coefficients="auto" (self-calibration, teacache_fast.calibrate.auto): a
+    fit stored for this model (class, config hash, variant; one per denoiser
+    of a pipeline) under calibration_dir (default
+    ``$TEACACHE_FAST_HOME/calibrations``, ``~/.cache/teacache_fast`` when
+    unset) is loaded; else the first generation(s) run uncached and record,
+    the fit is checked and stored, and the cache runs with it from the next
+    generation on (a fit that fails its checks leaves the model uncached,
+    with a warning). threshold= applies once calibrated; without it, the
+    stored ``auto_threshold`` (the fit's table threshold predicting at most a
+    1.5x block-stack speedup). calibration: a dict or
+    :class:`~teacache_fast.calibrate.auto.AutoSettings` (runs, degree,
+    convention, min_r2, min_pairs). Returns the transformer.
     """
     targets = _targets(module)
     done: List[nn.Module] = []
     try:
-        for _, model, pipeline in targets:
+        auto = _auto_request(config, overrides, calibration_dir, calibration)
+        for name, model, pipeline in targets:
             _apply_one(model, pipeline, config, threshold, preset, variant, adapter, process_group,
-                       overrides)
+                       overrides, auto and dict(auto, denoiser=name))
             done.append(model)
     except Exception:
         for model in done:
@@ -157,8 +178,40 @@ def apply_teacache(module: Any, config: Optional[TeaCacheConfig] = None, *,
     return targets[0][1]
 
 
+def _auto_request(config, overrides: dict, calibration_dir, calibration) -> Optional[dict]:
+    """The coefficients="auto" settings (None: not asked for); pops it from overrides."""
+    asked = overrides.get("coefficients") == "auto" or (
+        config is not None and getattr(config, "coefficients", None) == "auto")
+    if not asked:
+        if calibration_dir is not None or calibration is not None:
+            raise ValueError("calibration_dir= and calibration= apply to coefficients='auto' only")
+        return None
+    overrides.pop("coefficients", None)
+    return {"calibration_dir": calibration_dir, "settings": calibration}
+
+
+def _start_auto(model: nn.Module, adapter: Adapter, config, threshold, overrides: dict,
+                request: dict):
+    """(config, threshold, overrides, controller) for coefficients="auto"."""
+    from .calibrate.auto import AutoCalibration
+    if config is not None and config.coefficients == "auto":
+        config = config.replace(coefficients=None)
+    if threshold is None and config is not None:
+        threshold = config.threshold
+    rule = (config or TeaCacheConfig()).replace(**overrides)
+    auto = AutoCalibration.start(
+        model, variant=adapter.variant, denoiser=request["denoiser"],
+        calibration_dir=request["calibration_dir"], settings=request["settings"],
+        threshold=threshold, forced=lambda step, n: rule.forced(step, n, adapter.forced))
+    if auto.recording and rule.per_sample:
+        raise ValueError("coefficients='auto' cannot calibrate with per_sample=True (the fit uses "
+                         "the whole-batch indicator); calibrate once without it")
+    fields = auto.config_fields()
+    return config, fields.pop("threshold"), dict(overrides, **fields), auto
+
+
 def _apply_one(model: nn.Module, pipeline: Any, config, threshold, preset, variant, adapter,
-               process_group, overrides) -> None:
+               process_group, overrides, auto_request: Optional[dict] = None) -> None:
     from .models import adapter_for
     if _ATTR in model.__dict__:
         raise RuntimeError(f"TeaCache is already attached to this {type(model).__name__}; "
@@ -177,6 +230,12 @@ def _apply_one(model: nn.Module, pipeline: Any, config, threshold, preset, varia
         raise ValueError("pass either adapter= or preset=/variant=, not both")
     else:
         check_adapter(adapter)
+    auto = None
+    if auto_request is not None:
+        if fitted is not None:
+            raise ValueError("pass either coefficients='auto' or preset='file.json', not both")
+        config, threshold, overrides, auto = _start_auto(model, adapter, config, threshold,
+                                                         overrides, auto_request)
     cfg = _build_config(model, adapter, config, threshold, fitted, overrides)
     if cfg.num_steps is None and pipeline is None:
         raise ValueError("num_steps is required (transformer calls per branch in one generation), "
@@ -185,7 +244,7 @@ def _apply_one(model: nn.Module, pipeline: Any, config, threshold, preset, varia
     if process_group is not None and process_group is not False:
         check_process_group(process_group, model_device(model))
     cached = CachedModel(model, adapter, cfg, pipeline=pipeline,
-                         process_group=group_source(model, process_group))
+                         process_group=group_source(model, process_group), calibration=auto)
     model.__dict__[_ATTR] = cached
     try:
         cached.install()

@@ -11,6 +11,11 @@ One file holds one fitted polynomial and what it was fitted on::
       "degree": 4,
       "num_pairs": 1470,
       "r2": 0.93,                        # null when the outputs were constant
+      "fitted_range": [0.01, 0.42],      # the indicator range of the fitted pairs
+      "negative_in_range": false,
+      "sign_in_range": "positive",       # the polynomial's sign over it: positive / negative / mixed
+      "convention": "all-pairs",         # or "step-means" (per-step means)
+      "degree_errors": [[1, 3e-4], ...], # held-out MSE per degree when --degree auto chose it
       "step_range": [1, 50],             # steps [start, end) whose pairs were fitted
       "num_steps": 50,
       "num_runs": 30,
@@ -18,6 +23,10 @@ One file holds one fitted polynomial and what it was fitted on::
       "library_version": "0.1.0",
       "thresholds": [{"threshold": 0.4, "computed_steps": 27.5, ...}, ...]   # optional
     }
+
+A fit stored by ``coefficients="auto"`` adds ``auto_threshold`` (the threshold
+used when the caller gives none), ``calibrated_by`` and
+``calibrated_generation``.
 
 :func:`load_preset_json` validates a file and returns it as a dict; errors
 name the file and the field. Only ``coefficients`` is needed to run the cache;
@@ -98,6 +107,12 @@ def validate_preset(data: Any, path="<dict>") -> dict:
             raise _fail(path, f"'fitted_range' must be [low, high] finite numbers with low <= high "
                               f"(the indicator range of the fit), got {fitted!r}")
         out["fitted_range"] = [float(v) for v in fitted]
+    auto = data.get("auto_threshold")
+    if auto is not None and not (_finite(auto) and auto >= 0):
+        raise _fail(path, f"'auto_threshold' must be a finite number >= 0, got {auto!r}")
+    sign = data.get("sign_in_range")
+    if sign is not None and sign not in ("positive", "negative", "mixed"):
+        raise _fail(path, f"'sign_in_range' must be 'positive', 'negative' or 'mixed', got {sign!r}")
     for key in ("num_pairs", "num_steps", "num_runs"):
         v = data.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
@@ -126,14 +141,22 @@ def load_preset_json(path) -> dict:
 
 
 def save_preset_json(data: dict, path) -> None:
-    """Validate ``data`` and write it as indented JSON (strict: no NaN)."""
+    """Validate ``data`` and write it as indented JSON (strict: no NaN), atomically."""
     clean = validate_preset({"format": FORMAT, "format_version": FORMAT_VERSION, **data}, path)
     parent = os.path.dirname(os.fspath(path))
     if parent:
         os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(clean, f, indent=2, allow_nan=False)
-        f.write("\n")
+    # written next to it, then renamed: a reader (another process loading a
+    # coefficients="auto" fit) never sees half a file
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(clean, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def looks_like_preset_path(preset) -> bool:

@@ -33,6 +33,13 @@ def _clean_backend_env(monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _calibration_home(monkeypatch, tmp_path_factory):
+    """coefficients="auto" stores fits under $TEACACHE_FAST_HOME: never the user's home in tests."""
+    monkeypatch.setenv("TEACACHE_FAST_HOME", str(tmp_path_factory.mktemp("teacache_home")))
+    yield
+
+
 @pytest.fixture
 def device():
     return DEVICE

@@ -135,6 +135,8 @@ def test_json_round_trip_and_plot(tmp_path):
     ({"degree": 3}, "'degree' must be len.coefficients. - 1 = 4"),
     ({"format_version": 7}, "'format_version' 7 is not supported"),
     ({"step_range": [5, 2]}, "'step_range' must be"),
+    ({"auto_threshold": -1.0}, "'auto_threshold' must be a finite number >= 0"),
+    ({"sign_in_range": "up"}, "'sign_in_range' must be 'positive', 'negative' or 'mixed'"),
 ])
 def test_preset_file_errors_name_the_field(tmp_path, patch, message):
     data = {"model_class": "Toy", "coefficients": TRUE_COEFFS, "degree": 4, **patch}

@@ -107,10 +107,10 @@ def test_core_never_imports_cli():
 
 
 def test_cli_uses_the_core_through_its_public_names():
-    """cli/ reaches the core through the facade (teacache_fast, its ops, calibrate, models), never
-    through the wrapper's or the backends' modules, which other refactors rename."""
-    public = {"ops", "calibrate", "models", "_version", "__version__", "apply_teacache", "remove_teacache",
-              "stats", "reset", "teacache", "TeaCacheConfig"}
+    """cli/ reaches the core through the facade (teacache_fast, its ops, calibrate, quality,
+    models), never through the wrapper's or the backends' modules, which other refactors rename."""
+    public = {"ops", "calibrate", "quality", "models", "_version", "__version__", "apply_teacache",
+              "remove_teacache", "stats", "reset", "teacache", "TeaCacheConfig"}
     for path in (PKG / "cli").glob("*.py"):
         for name in _imports(path):
             parts = name.split(".")

@@ -21,13 +21,13 @@ output between consecutive steps, over every step of a few dozen generations
 """
 from ..preset_json import MAX_DEGREE, load_preset_json  # noqa: F401 (re-exports)
 from .fit import PolyFit, fit_polynomial, pairs, plot_fit, relative_l1
-from .recording import CalibrationError, Recorder, Recording
+from .recording import CalibrationError, ExpertRecorder, Recorder, Recording
 from .replay import default_thresholds, forced_mask, replay_decisions
 from .result import CalibrationResult, fit_recording
-from .run import calibrate, record
+from .run import calibrate, record, record_experts
 
 __all__ = [
-    "CalibrationError", "Recording", "Recorder", "PolyFit", "CalibrationResult",
+    "CalibrationError", "Recording", "Recorder", "ExpertRecorder", "record_experts", "PolyFit", "CalibrationResult",
     "fit_polynomial", "fit_recording", "replay_decisions", "calibrate", "record", "pairs",
     "relative_l1", "forced_mask", "default_thresholds", "plot_fit", "load_preset_json",
 ]

@@ -10,7 +10,13 @@ import numpy as np
 from ..preset_json import MAX_DEGREE
 from .recording import CalibrationError, Recording
 
-__all__ = ["relative_l1", "pairs", "PolyFit", "fit_polynomial", "plot_fit", "step_window"]
+__all__ = ["relative_l1", "pairs", "PolyFit", "fit_polynomial", "plot_fit", "step_window",
+           "CONVENTIONS", "convention_points", "select_degree", "sign_over"]
+
+# How the pairs become fitted points: every (run, branch, step) pair, as the
+# official scripts fit (the default), or one point per step, the mean over
+# runs and branches, as other projects do (only ~num_steps points).
+CONVENTIONS = ("all-pairs", "step-means")
 
 
 def step_window(step_range, num_steps: int) -> Tuple[int, int]:
@@ -115,6 +121,71 @@ def fit_polynomial(x, y, degree: int = 4) -> PolyFit:
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     r2 = None if ss_tot == 0.0 else 1.0 - float(np.sum(residuals ** 2)) / ss_tot
     return PolyFit(tuple(float(c) for c in coefficients), r2, int(x.size))
+
+
+def convention_points(x, y, steps, convention: str = "all-pairs"):
+    """(x, y, steps) as fitted under ``convention`` (see :data:`CONVENTIONS`)."""
+    if convention not in CONVENTIONS:
+        raise CalibrationError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    x, y, steps = (np.asarray(a) for a in (x, y, steps))
+    if convention == "all-pairs":
+        return x, y, steps
+    uniq = np.unique(steps)
+    xm = np.array([x[steps == s].mean() for s in uniq], dtype=np.float64)
+    ym = np.array([y[steps == s].mean() for s in uniq], dtype=np.float64)
+    return xm, ym, uniq
+
+
+def _folds(n: int, k: int):
+    """Interleaved held-out folds over points sorted by x (each fold spans the range)."""
+    return [np.arange(i, n, k) for i in range(k)]
+
+
+def select_degree(x, y, max_degree: int = 4, folds: int = 5) -> Tuple[int, list]:
+    """The degree (1..max_degree, default 4 as the published sets) with the lowest
+    held-out error, and the errors.
+
+    k-fold cross-validation on the points sorted by x (interleaved folds, so
+    each fold spans the whole range; deterministic). The smallest degree whose
+    mean held-out squared error is within 5% of the best (or below 1e-10 of
+    y's variance: clean data) wins, so clean data of degree d picks d.
+    Returns (degree, [(degree, held-out MSE), ...]).
+    """
+    max_degree = _check_degree(max_degree)
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    k = min(folds, x.size)
+    errors = []
+    for d in range(1, max_degree + 1):
+        sq = []
+        for held in _folds(x.size, k):
+            keep = np.setdiff1d(np.arange(x.size), held)
+            if np.unique(x[keep]).size < d + 1:
+                sq = None
+                break
+            c = np.polyfit(x[keep], y[keep], d)
+            sq.append(np.mean((y[held] - np.polyval(c, x[held])) ** 2))
+        if sq is None:
+            break
+        errors.append((d, float(np.mean(sq))))
+    if not errors:
+        raise CalibrationError(f"too few distinct pairs ({np.unique(x).size}) to choose a degree by "
+                               "held-out error; record more runs or steps, or give the degree")
+    best = min(e for _, e in errors)
+    floor = max(best * 1.05, 1e-10 * float(np.var(y)))
+    return next(d for d, e in errors if e <= floor), errors
+
+
+def sign_over(coefficients, low: float, high: float, points: int = 257) -> str:
+    """"positive", "negative" or "mixed": the polynomial's sign over [low, high]."""
+    v = np.polyval(coefficients, np.linspace(low, high, points))
+    if np.all(v > 0):
+        return "positive"
+    if np.all(v < 0):
+        return "negative"
+    return "mixed"
 
 
 def plot_fit(path, x, y, steps, fit: PolyFit, title: str = "") -> None:

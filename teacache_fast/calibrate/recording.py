@@ -11,7 +11,7 @@ import torch
 
 from .. import ops
 
-__all__ = ["CalibrationError", "Recording", "Recorder"]
+__all__ = ["CalibrationError", "Recording", "Recorder", "ExpertRecorder"]
 
 
 class CalibrationError(ValueError):
@@ -143,6 +143,11 @@ class Recorder:
         if self.on_call is not None:
             self.on_call(branch, step)
 
+    @property
+    def has_calls(self) -> bool:
+        """Whether the current run recorded any call."""
+        return bool(self._inputs)
+
     def finish_run(self) -> None:
         """Read the run's recordings back to the host and append them."""
         if not self._inputs:
@@ -164,3 +169,19 @@ class Recorder:
         self.recording.partials.append(partials)
         self.recording.out_rel.append(out_rel)
         self.start_run()
+
+
+class ExpertRecorder(Recorder):
+    """A :class:`Recorder` for a denoiser that runs only part of each generation
+    (a Wan2.2 expert runs the high-noise steps, the other one the rest): each
+    branch's calls are recorded from the first step it runs in the run, so
+    its pairs compare its own consecutive calls."""
+
+    def start_run(self) -> None:
+        super().start_run()
+        self._first: Dict[int, int] = {}
+
+    def __call__(self, branch: int, step: int, partials: torch.Tensor, stream_in: torch.Tensor,
+                 stream_out: torch.Tensor) -> None:
+        first = self._first.setdefault(branch, step)
+        super().__call__(branch, step - first, partials, stream_in, stream_out)

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
 from .._version import __version__
 from ..models.base import first_and_last
 from ..preset_json import save_preset_json
-from .fit import PolyFit, fit_polynomial, pairs, plot_fit, step_window
-from .recording import Recording
+from .fit import (PolyFit, convention_points, fit_polynomial, pairs, plot_fit, select_degree,
+                  sign_over, step_window)
+from .recording import CalibrationError, Recording
 from .replay import ForcedRule, default_thresholds, forced_mask, replay_decisions
 
 __all__ = ["CalibrationResult", "fit_recording"]
@@ -27,6 +28,8 @@ class CalibrationResult:
     forced: ForcedRule = first_and_last
     max_consecutive_skips: Optional[int] = None
     backend: Optional[str] = None  # the cache's forced backend, if any: the replay uses it too
+    convention: str = "all-pairs"  # how the pairs became fitted points (fit.CONVENTIONS)
+    degree_errors: Optional[list] = None  # [(degree, held-out MSE)] when the degree was chosen
 
     @property
     def coefficients(self) -> List[float]:
@@ -48,6 +51,10 @@ class CalibrationResult:
         """Whether the fitted polynomial goes below 0 inside the fitted range."""
         low, high = self.fitted_range()
         return bool(np.min(self.fit(np.linspace(low, high, 257))) < 0)
+
+    def sign_in_range(self) -> str:
+        """"positive", "negative" or "mixed" over the fitted range."""
+        return sign_over(self.coefficients, *self.fitted_range())
 
     def predict(self, threshold: float) -> np.ndarray:
         """Compute flags (runs, branches, steps) replayed at ``threshold``."""
@@ -90,6 +97,9 @@ class CalibrationResult:
             "r2": self.fit.r2,
             "fitted_range": self.fitted_range(),
             "negative_in_range": self.negative_in_range(),
+            "sign_in_range": self.sign_in_range(),
+            "convention": self.convention,
+            "degree_errors": [[d, e] for d, e in self.degree_errors] if self.degree_errors else None,
             "step_range": list(self.step_range),
             "num_steps": self.recording.num_steps,
             "num_runs": self.recording.num_runs,
@@ -110,12 +120,23 @@ class CalibrationResult:
         plot_fit(path, x, y, steps, self.fit, title=title)
 
 
-def fit_recording(recording: Recording, degree: int = 4, *, step_range=None, variant=None,
-                  forced: ForcedRule = first_and_last,
+def fit_recording(recording: Recording, degree: Union[int, str] = 4, *, step_range=None,
+                  variant=None, forced: ForcedRule = first_and_last,
                   max_consecutive_skips: Optional[int] = None,
-                  backend: Optional[str] = None) -> CalibrationResult:
-    """Fit a polynomial to a recording (e.g. one loaded with ``Recording.load``)."""
+                  backend: Optional[str] = None, convention: str = "all-pairs") -> CalibrationResult:
+    """Fit a polynomial to a recording (e.g. one loaded with ``Recording.load``).
+
+    degree: an int, or "auto" (the degree with the lowest held-out error,
+    :func:`~teacache_fast.calibrate.fit.select_degree`). convention:
+    "all-pairs" (every run, branch and step, as the official scripts) or
+    "step-means" (one point per step, the mean over runs and branches).
+    """
     window = step_window(step_range, recording.num_steps)
-    x, y, _ = pairs(recording, window)
+    x, y, steps = convention_points(*pairs(recording, window), convention)
+    errors = None
+    if degree == "auto":
+        degree, errors = select_degree(x, y)
+    elif isinstance(degree, str):
+        raise CalibrationError(f"degree must be an int or 'auto', got {degree!r}")
     return CalibrationResult(recording, fit_polynomial(x, y, degree), window, variant, forced,
-                             max_consecutive_skips, backend)
+                             max_consecutive_skips, backend, convention, errors)

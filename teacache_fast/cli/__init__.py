@@ -6,7 +6,7 @@ them into argparse. A :class:`~teacache_fast.cli.args.UsageError` from a
 subcommand ends as argparse errors do: ``error: <message>``, exit code 2.
 
 Layering: this package uses the core through its public names only
-(``teacache_fast``, ``teacache_fast.ops``, ``teacache_fast.calibrate``,
+(``teacache_fast``, ``teacache_fast.ops``, ``teacache_fast.calibrate``, ``teacache_fast.quality``,
 ``teacache_fast.models``); nothing outside it imports it.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "info": "teacache_fast.cli.info",
     "bench": "teacache_fast.cli.bench",
     "demo": "teacache_fast.cli.demo",
+    "sweep": "teacache_fast.cli.sweep",
 }
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "UsageError"]

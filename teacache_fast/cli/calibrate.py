@@ -8,7 +8,13 @@ pairs of every step, fits the polynomial and writes to --out:
 * ``fit.png``: the pairs, the fitted curve and the residuals;
 * ``recording.npz``: the raw recordings, to refit with another degree or step
   range without running the model (``Recording.load`` + ``fit_recording``);
-* the threshold -> computed steps table, printed (and in preset.json).
+* the threshold -> computed steps table, R^2, the fitted indicator range and
+  the polynomial's sign over it, printed (and in preset.json).
+
+A pipeline with several denoisers (Wan2.2's two experts) gets one fit per
+denoiser: ``preset.json`` etc. for ``transformer``, ``preset-transformer_2.json``
+etc. for the next. ``--degree auto`` picks the degree by held-out error;
+``--convention step-means`` fits per-step means instead of all pairs.
 
 Models: ``--model demo`` (default) is the demo's seeded random-weight FLUX
 transformer; prompts only choose seeds of random text embeddings there, so
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
 
 from ..calibrate import MAX_DEGREE
+from ..calibrate.fit import CONVENTIONS
 from . import args as cli_args
 
 HELP = "fit a model's TeaCache polynomial from recorded runs and write a preset JSON + plot"
@@ -72,8 +79,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=cli_args.int_in("--runs", 1), default=None,
                         help="number of generations (default: one per prompt); run r uses prompt "
                              "r mod P and noise seed --seed + r")
-    parser.add_argument("--degree", type=cli_args.int_in("--degree", 0, MAX_DEGREE), default=4,
-                        help="polynomial degree (default 4, as the published presets)")
+    parser.add_argument("--degree", type=_degree, default=4,
+                        help=f"polynomial degree 0..{MAX_DEGREE} (default 4, as the published presets), "
+                             "or 'auto': the degree 1..4 with the lowest held-out error (5-fold)")
+    parser.add_argument("--convention", choices=CONVENTIONS, default="all-pairs",
+                        help="fitted points: 'all-pairs' (default: every run, branch and step, as the "
+                             "official scripts) or 'step-means' (per step, the mean over runs and "
+                             "branches)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="--model PATH: image height in pixels passed to the pipeline "
+                             "(default: the pipeline's)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="--model PATH: image width in pixels passed to the pipeline "
+                             "(default: the pipeline's)")
     parser.add_argument("--step-range", type=int, nargs=2, default=None, metavar=("START", "END"),
                         help="fit only the pairs of steps START <= step < END (default: all)")
     parser.add_argument("--thresholds", type=cli_args.thresholds, default=None,
@@ -86,6 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder (default ./teacache-calibration)")
     parser.add_argument("--smoke", action="store_true",
                         help="demo only: a tiny model (for tests); --steps and --runs still apply")
+
+
+def _degree(text: str):
+    """``type=`` for --degree: an int in 0..MAX_DEGREE or 'auto'."""
+    if text == "auto":
+        return text
+    return cli_args.int_in("--degree", 0, MAX_DEGREE)(text)
 
 
 def read_prompts(path: Optional[str]) -> List[str]:
@@ -154,10 +179,12 @@ def pipeline_setup(args, prompts: List[str]) -> Tuple[object, Callable, Optional
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # our own bar counts the steps
 
+    size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+
     def run_fn(p, r: int) -> None:
         generator = torch.Generator(device="cpu").manual_seed(args.seed + r)
         p(prompt=prompts[r % len(prompts)], num_inference_steps=args.steps, generator=generator,
-          output_type="latent")
+          output_type="latent", **size)
 
     what = f"{args.model} ({type(pipe.transformer).__name__}), {cli_args.dtype_name(dtype)} on {device}"
     return pipe, run_fn, None, what
@@ -173,32 +200,53 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     runs = args.runs or len(prompts)
     if args.model == "demo":
+        if args.height is not None or args.width is not None:
+            raise cli_args.UsageError("--height / --width apply to --model PATH only (the demo "
+                                      "model has a fixed latent size)")
         target, run_fn, num_steps, what = demo_setup(args, prompts)
     else:
         if args.smoke:
             raise cli_args.UsageError("--smoke applies to --model demo only")
         target, run_fn, num_steps, what = pipeline_setup(args, prompts)
-    print(f"calibrating {what}: {runs} runs x {args.steps} steps, degree {args.degree}")
+    print(f"calibrating {what}: {runs} runs x {args.steps} steps, degree {args.degree}, "
+          f"{args.convention}")
     try:
-        result = calibrate(target, run_fn, runs=runs, num_steps=num_steps, degree=args.degree,
-                           step_range=tuple(args.step_range) if args.step_range else None,
-                           variant=args.variant, progress=True)
+        found = calibrate(target, run_fn, runs=runs, num_steps=num_steps, degree=args.degree,
+                          step_range=tuple(args.step_range) if args.step_range else None,
+                          variant=args.variant, progress=True, convention=args.convention)
     except CalibrationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result.to_json(out / "preset.json", thresholds=args.thresholds)
-    result.recording.save(out / "recording.npz")
-    result.plot(out / "fit.png")
-    r2 = "undefined (constant output)" if result.r2 is None else f"{result.r2:.4f}"
-    print(f"coefficients (highest power first): {[float(f'{c:.8g}') for c in result.coefficients]}")
-    print(f"R^2 = {r2} on {result.fit.num_pairs} pairs (steps {result.step_range[0]}.."
-          f"{result.step_range[1] - 1}, branches {result.recording.branches})")
-    print("expected computed steps per threshold (decision replayed on the recorded indicators):")
-    print(result.format_table(args.thresholds))
-    print(f"wrote {out / 'preset.json'}, {out / 'fit.png'}, {out / 'recording.npz'}")
+    results = found if isinstance(found, dict) else {None: found}
+    for name, result in results.items():
+        _write_result(result, out, name, args.thresholds)
     return 0
+
+
+def _write_result(result, out: Path, name: Optional[str], thresholds) -> None:
+    """preset.json, fit.png, recording.npz (suffixed -NAME for a pipeline's further experts)."""
+    suffix = "" if name in (None, "transformer") else f"-{name}"
+    files = [out / f"preset{suffix}.json", out / f"fit{suffix}.png", out / f"recording{suffix}.npz"]
+    result.to_json(files[0], thresholds=thresholds)
+    result.plot(files[1])
+    result.recording.save(files[2])
+    r2 = "undefined (constant output)" if result.r2 is None else f"{result.r2:.4f}"
+    low, high = result.fitted_range()
+    if name is not None:
+        print(f"\n{name}:")
+    print(f"coefficients (highest power first, degree {result.fit.degree}): "
+          f"{[float(f'{c:.8g}') for c in result.coefficients]}")
+    if result.degree_errors:
+        print("held-out MSE per degree: " + ", ".join(f"{d}: {e:.3g}" for d, e in result.degree_errors))
+    print(f"R^2 = {r2} on {result.fit.num_pairs} points ({result.convention}; steps "
+          f"{result.step_range[0]}..{result.step_range[1] - 1}, branches {result.recording.branches})")
+    print(f"fitted indicator range [{low:.4g}, {high:.4g}]; the polynomial is "
+          f"{result.sign_in_range()} over it")
+    print("expected computed steps per threshold (decision replayed on the recorded indicators):")
+    print(result.format_table(thresholds))
+    print(f"wrote {', '.join(str(f) for f in files)}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

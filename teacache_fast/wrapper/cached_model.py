@@ -16,6 +16,7 @@ just work), and diffusers' ``cache_context`` reaches the runner with the call.
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 from typing import Any, Callable, Dict, List, Optional
 
 from torch import Tensor, nn
@@ -52,7 +53,7 @@ class CachedModel(_NotCopyable):
     """Everything TeaCache attached to one model."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: TeaCacheConfig,
-                 pipeline: Any = None, process_group: Any = None):
+                 pipeline: Any = None, process_group: Any = None, calibration: Any = None):
         blocks = list(adapter.blocks(model))
         if not blocks:
             raise ValueError(f"adapter {adapter.name!r} found no blocks in {type(model).__name__}")
@@ -67,6 +68,16 @@ class CachedModel(_NotCopyable):
                                   process_group=process_group)
         self.patches = Patches()
         self.scheduler_patches = Patches()
+        # coefficients="auto" (teacache_fast.calibrate.auto): told of calls and
+        # generation ends, retunes this cache, adds stats()["calibration"]
+        self.calibration = calibration
+        if calibration is not None:
+            if config.sync_free and calibration.recording:
+                raise ValueError("coefficients='auto' records on the host: it cannot calibrate "
+                                 "with sync_free=True (calibrate once without it; the stored fit "
+                                 "then loads with sync_free=True)")
+            self.runner.calibration = calibration
+            calibration.bind(self.retune)
 
     @property
     def mode(self) -> str:
@@ -167,11 +178,21 @@ class CachedModel(_NotCopyable):
     def restart(self) -> None:
         self.runner.restart()
 
+    def retune(self, **changes: Any) -> None:
+        """Change config fields (threshold, coefficients, observer, fitted_range)
+        in place: the runner and its state hold this same config object, so the
+        next decision uses them."""
+        new = self.config.replace(**changes).validate()
+        for f in fields(new):
+            setattr(self.config, f.name, getattr(new, f.name))
+
     def stats(self) -> Dict[str, Any]:
         out = self.runner.stats()
         out.update(threshold=self.config.threshold, preset=self.adapter.name,
                    variant=self.adapter.variant, mode=self.mode,
                    cache_bytes=cache_bytes(self.runner.tensors()))
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.stats()
         return out
 
     def tensors(self) -> List[Tensor]:

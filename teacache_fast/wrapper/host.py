@@ -83,6 +83,9 @@ class HostRunner:
         self._fast_skip = adapter.passthrough is None   # a skipped block returns its stream
         self._warned: Dict[str, int] = {}               # warning kind -> generation it was given in
         self._busy = threading.Lock()
+        # coefficients="auto": told where each call sits and when a generation
+        # ends (placed(tick, last) / boundary(reason)); None: no calibration
+        self.calibration: Any = None
 
     # ------------------------------------------------------------ events
 
@@ -177,6 +180,8 @@ class HostRunner:
         """The pipeline finished a call (diffusers resets stateful hooks): the
         next call starts a new generation; the stats stay readable until then."""
         self.state.clock.abandon("pipeline call ended")
+        if self.calibration is not None:
+            self.calibration.boundary("pipeline call ended")
 
     def watch_scheduler(self, scheduler: Any) -> None:
         """Calls now come from a pipeline with another scheduler, already set
@@ -188,6 +193,8 @@ class HostRunner:
 
     def restart(self) -> None:
         self.state.restart()
+        if self.calibration is not None:
+            self.calibration.boundary("reset")
 
     def close(self) -> None:
         self.state.restart()
@@ -215,6 +222,8 @@ class HostRunner:
                 "diffusers pipelines do")
         cfg = self.config
         tick = self._place(call)
+        if self.calibration is not None:  # may retune cfg before this call decides
+            self.calibration.placed(tick, self.state.clock.closed is not None)
         bs = call.state
         partials = bs.partials_(x, how, cfg.per_sample)
         if cfg.per_sample and partials.shape[0] != stream.shape[0]:
