@@ -101,7 +101,8 @@ def _build_config(model: nn.Module, adapter: Adapter, config: Optional[TeaCacheC
     if config is not None and not isinstance(config, TeaCacheConfig):
         raise TypeError(f"config must be a TeaCacheConfig, got {type(config).__name__}")
     cfg = config if config is not None else TeaCacheConfig(
-        threshold=adapter.threshold if adapter.threshold is not None else 0.0)
+        threshold=adapter.threshold if adapter.threshold is not None else 0.0,
+        accumulate=adapter.accumulate, start=adapter.window[0], end=adapter.window[1])
     cfg = cfg.replace(**overrides)
     if threshold is not None:
         cfg = cfg.replace(threshold=threshold)

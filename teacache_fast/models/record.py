@@ -30,6 +30,9 @@ class Variant:
         repository, file and commit, or a paper.
     indicator / forced: replace the family's for this variant (Wan's "-ret"
         variants read another embedding and force other steps).
+    accumulate: "sum" or "abs", the accumulation the set was published with
+        (TeaCacheConfig.accumulate's default for this variant).
+    start, end: the published window (TeaCacheConfig.start / end defaults).
     """
     coefficients: Tuple[float, ...]
     thresholds: Tuple[float, ...]
@@ -37,12 +40,20 @@ class Variant:
     source: str = ""
     indicator: Optional[Callable[[BlockCall], Indicator]] = None
     forced: Optional[Callable[[int, int], bool]] = None
+    accumulate: str = "sum"
+    start: float = 0.0
+    end: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
         if not self.thresholds:
             raise ValueError("a Variant needs at least one published threshold (the first is the default)")
+        if self.accumulate not in ("sum", "abs"):
+            raise ValueError(f"Variant.accumulate must be 'sum' or 'abs', got {self.accumulate!r}")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"Variant window must satisfy 0 <= start < end <= 1, got "
+                             f"{self.start}, {self.end}")
 
 
 DefaultVariant = Union[None, str, Callable[[nn.Module], Optional[str]]]
@@ -187,4 +198,5 @@ class Family:
             unbatched=self.unbatched, timestep_arg=self.timestep_arg,
             forced=v.forced or self.forced, subset=self.subset,
             block_lists=_attributes(self.blocks) if self.skip_loops else None,
-            coefficients=list(v.coefficients), threshold=v.thresholds[0])
+            coefficients=list(v.coefficients), threshold=v.thresholds[0],
+            accumulate=v.accumulate, window=(v.start, v.end))
