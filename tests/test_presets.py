@@ -10,6 +10,7 @@ from teacache_fast import models
 from teacache_fast.models import base, cogvideox, wan
 
 from tiny_models import TINY, euler_sample, single_thread
+from tiny_models_2026 import TINY_2026
 
 STEPS = 8
 LINEAR = [1.0, 0.0]  # poly(r) = r: the skip pattern then follows the measured rel L1
@@ -151,7 +152,7 @@ def test_registry_errors_and_variants():
     assert models.adapter_for(cog.model).variant == "5b"
     assert cogvideox.FAMILY.variants["2b"].coefficients[0] == -3.10658903e+01
     listed = models.presets()
-    assert set(listed) == set(TINY)
+    assert set(listed) == set(TINY) | set(TINY_2026)
     assert listed["flux"]["variants"]["dev"]["thresholds"] == (0.25, 0.4, 0.6, 0.8)
 
 
