@@ -16,7 +16,7 @@ from teacache_fast import models
 
 from test_diffusers_native import MiniPipe
 from tiny_models import euler_sample, single_thread, tiny_flux, tiny_hidream, tiny_lumina2, tiny_wan
-from tiny_models_2026 import TINY_2026, tiny_sd35
+from tiny_models_2026 import TINY_2026, tiny_latte, tiny_sd35
 
 STEPS = 8
 LINEAR = [1.0, 0.0]  # poly(r) = r: skips follow the measured rel L1
@@ -189,3 +189,47 @@ def test_wan22_two_experts_take_one_coefficient_set_each():
     with pytest.raises(ValueError, match="needs a pipeline with several denoisers"):
         tf.apply_teacache(pipe.transformer, num_steps=STEPS, variant="2.2-a14b",
                           coefficients={"transformer": high})
+
+
+def _first_block_call(tiny, x0):
+    """The BlockCall the wrapper would build for block 0, and what block 0's
+    own modulation computed in that call."""
+    from teacache_fast.models import BlockCall
+    model = tiny.model
+    block = models.adapter_for(model).blocks(model)[0]
+    seen = {}
+    def hook(module, args, kwargs):
+        seen.setdefault("call", BlockCall(module.forward, args, kwargs, model))
+    pre = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        tiny.call(x0, torch.full((x0.shape[0],), 0.7), 0)
+    finally:
+        pre.remove()
+    return seen["call"]
+
+
+def _modulated_value(ind):
+    from teacache_fast import ops
+    if isinstance(ind, torch.Tensor):
+        return ind
+    return ops.modulate(ind.x, ind.scale, ind.shift, norm=ind.norm, eps=ind.eps)
+
+
+@pytest.mark.parametrize("case", ["sd3", "sd35", "chroma", "qwen_image", "latte", "latte-affine"])
+def test_indicator_is_block_zeros_modulated_input(case):
+    special = {"sd35": tiny_sd35, "latte-affine": lambda seed: tiny_latte(seed, affine=True)}
+    tiny = special[case](0) if case in special else TINY_2026[case](0)
+    call = _first_block_call(tiny, tiny.latents(2))
+    got = _modulated_value(models.adapter_for(tiny.model).indicator(call))
+    block, x = models.adapter_for(tiny.model).blocks(tiny.model)[0], call["hidden_states"]
+    if case in ("sd3", "sd35"):
+        want = block.norm1(x, emb=call["temb"])[0]
+    elif case == "chroma":
+        want = block.norm1(x, emb=call["temb"][:, :6])[0]
+    elif case == "qwen_image":
+        want = block._modulate(block.img_norm1(x), block.img_mod(call["temb"]).chunk(2, dim=-1)[0])[0]
+    else:  # Latte
+        t = call["timestep"].reshape(x.shape[0], 6, -1)
+        shift, scale = (block.scale_shift_table[None] + t).chunk(6, dim=1)[:2]
+        want = block.norm1(x) * (1 + scale) + shift
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -25,13 +25,14 @@ def tiny_consisid(seed: int = 0) -> Tiny:
     return _tiny_video(m, seed, (2, 4, 8, 8), call, "consisid")
 
 
-def tiny_latte(seed: int = 0) -> Tiny:
+def tiny_latte(seed: int = 0, affine: bool = False) -> Tiny:
+    """affine=True: block norms with a weight and bias (the checkpoints have none)."""
     from diffusers import LatteTransformer3DModel
     torch.manual_seed(seed)
     m = LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
                                 num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
                                 activation_fn="gelu-approximate", norm_type="ada_norm_single",
-                                norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=8,
+                                norm_elementwise_affine=affine, norm_eps=1e-6, caption_channels=8,
                                 video_length=2)
     text = _text_bank(seed, 3, 8)
 
