@@ -41,7 +41,7 @@ MODELS_MD_2026_SETTINGS = {
     ("latte", "default"): ((0.1, 0.2), "sum", 0.0, 1.0),
 }
 # MODELS.md: "No trustworthy public set (ship structure only)"
-STRUCTURE_ONLY = {("wan", "2.2-a14b"), ("wan", "2.2-ti2v-5b"), ("sd3", "default"), ("qwen_image", "default"),
+STRUCTURE_ONLY = {("cosmos", "predict2"), ("wan", "2.2-a14b"), ("wan", "2.2-ti2v-5b"), ("sd3", "default"), ("qwen_image", "default"),
                   ("chroma", "default")}
 
 # name -> (tiny model, variant, last step forced)
@@ -147,6 +147,14 @@ def test_kontext_variant_brings_abs_accumulation_and_its_window():
         assert (tf.inspect(tiny.model).config.accumulate, tf.inspect(tiny.model).config.start) == ("sum", 0.0)
     finally:
         tf.remove_teacache(tiny.model)
+
+
+def test_cosmos_predict2_config_never_gets_the_cosmos1_set():
+    from types import SimpleNamespace
+    fam = models.family("cosmos")
+    for kind, want in (("learnable", "default"), (None, "predict2")):
+        fake = SimpleNamespace(config=SimpleNamespace(extra_pos_embed_type=kind))
+        assert fam.default_variant_for(fake) == want
 
 
 def test_hidream_dev_reads_the_embedded_image_tokens():
