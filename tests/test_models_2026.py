@@ -42,7 +42,7 @@ MODELS_MD_2026_SETTINGS = {
 }
 # MODELS.md: "No trustworthy public set (ship structure only)"
 STRUCTURE_ONLY = {("cosmos", "predict2"), ("wan", "2.2-a14b"), ("wan", "2.2-ti2v-5b"), ("sd3", "default"), ("qwen_image", "default"),
-                  ("chroma", "default")}
+                  ("chroma", "default"), ("flux2", "default"), ("z_image", "default")}
 
 # name -> (tiny model, variant, last step forced)
 CASES = {name: (make, None, True) for name, make in TINY_2026.items()}
@@ -119,7 +119,7 @@ def test_new_adapter_exact_skips_and_removal(case):
     assert torch.equal(euler_sample(tiny, x0, STEPS), plain)
 
 
-@pytest.mark.parametrize("case", ["sd3", "qwen_image", "chroma"])
+@pytest.mark.parametrize("case", ["sd3", "qwen_image", "chroma", "flux2", "z_image"])
 def test_structure_only_apply_names_both_ways_out(case):
     model = TINY_2026[case](0).model
     with pytest.raises(ValueError) as info:
@@ -223,14 +223,24 @@ def _modulated_value(ind):
     return ops.modulate(ind.x, ind.scale, ind.shift, norm=ind.norm, eps=ind.eps)
 
 
-@pytest.mark.parametrize("case", ["sd3", "sd35", "chroma", "qwen_image", "latte", "latte-affine"])
+@pytest.mark.parametrize("case", ["sd3", "sd35", "chroma", "qwen_image", "latte", "latte-affine", "flux2",
+                                  "z_image"])
 def test_indicator_is_block_zeros_modulated_input(case):
     special = {"sd35": tiny_sd35, "latte-affine": lambda seed: tiny_latte(seed, affine=True)}
     tiny = special[case](0) if case in special else TINY_2026[case](0)
     call = _first_block_call(tiny, tiny.latents(2))
     got = _modulated_value(models.adapter_for(tiny.model).indicator(call))
-    block, x = models.adapter_for(tiny.model).blocks(tiny.model)[0], call["hidden_states"]
-    if case in ("sd3", "sd35"):
+    block = models.adapter_for(tiny.model).blocks(tiny.model)[0]
+    x = call["x"] if case == "z_image" else call["hidden_states"]
+    if case == "flux2":
+        mod = call["temb_mod_img"]
+        mod = mod.unsqueeze(1) if mod.dim() == 2 else mod
+        shift, scale = mod.chunk(6, dim=-1)[:2]
+        want = (1 + scale) * block.norm1(x) + shift
+    elif case == "z_image":
+        scale = block.adaLN_modulation(call["adaln_input"]).unsqueeze(1).chunk(4, dim=2)[0]
+        want = block.attention_norm1(x) * (1.0 + scale)
+    elif case in ("sd3", "sd35"):
         want = block.norm1(x, emb=call["temb"])[0]
     elif case == "chroma":
         want = block.norm1(x, emb=call["temb"][:, :6])[0]

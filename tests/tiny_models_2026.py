@@ -7,7 +7,7 @@ import torch
 from tiny_models import Tiny, _init, _per_sample, _randn, _text_bank, _tiny_video
 
 __all__ = ["TINY_2026", "tiny_consisid", "tiny_latte", "tiny_sd3", "tiny_sd35", "tiny_qwen_image",
-           "tiny_chroma"]
+           "tiny_chroma", "tiny_flux2", "tiny_z_image"]
 
 
 def tiny_consisid(seed: int = 0) -> Tiny:
@@ -99,5 +99,38 @@ def tiny_chroma(seed: int = 0) -> Tiny:
     return _tiny_video(m, seed, (16, 4), call, "chroma")
 
 
+def tiny_flux2(seed: int = 0) -> Tiny:
+    from diffusers import Flux2Transformer2DModel
+    torch.manual_seed(seed)
+    m = Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    text = _text_bank(seed, 3, 32)
+    grid = torch.meshgrid(torch.zeros(1), torch.arange(4).float(), torch.arange(4).float(), torch.zeros(1),
+                          indexing="ij")
+    img_ids, txt_ids = torch.stack(grid, -1).reshape(16, 4), torch.zeros(3, 4)
+
+    def call(x, t, branch):
+        (enc,) = _per_sample(branch, x.shape[0], text)
+        return m(hidden_states=x, encoder_hidden_states=enc, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
+                 return_dict=False)[0]
+    return _tiny_video(m, seed, (16, 4), call, "flux2")
+
+
+def tiny_z_image(seed: int = 0) -> Tiny:
+    from diffusers import ZImageTransformer2DModel
+    torch.manual_seed(seed)
+    m = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
+                                 n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                 axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])
+    text = _text_bank(seed, 3, 16)
+
+    def call(x, t, branch):
+        (enc,) = _per_sample(branch, x.shape[0], text)
+        out = m(list(x.unbind(0)), t, list(enc.unbind(0)), return_dict=False)[0]
+        return torch.stack(list(out))
+    return _tiny_video(m, seed, (4, 1, 8, 8), call, "z_image")
+
+
 TINY_2026 = {"consisid": tiny_consisid, "latte": tiny_latte, "sd3": tiny_sd3, "qwen_image": tiny_qwen_image,
-             "chroma": tiny_chroma}
+             "chroma": tiny_chroma, "flux2": tiny_flux2, "z_image": tiny_z_image}
