@@ -7,7 +7,8 @@ import torch
 from tiny_models import Tiny, _init, _per_sample, _randn, _text_bank, _tiny_video
 
 __all__ = ["TINY_2026", "tiny_consisid", "tiny_latte", "tiny_sd3", "tiny_sd35", "tiny_qwen_image",
-           "tiny_chroma", "tiny_flux2", "tiny_z_image"]
+           "tiny_chroma", "tiny_flux2", "tiny_z_image",
+           "tiny_longcat_image"]
 
 
 def tiny_consisid(seed: int = 0) -> Tiny:
@@ -132,5 +133,23 @@ def tiny_z_image(seed: int = 0) -> Tiny:
     return _tiny_video(m, seed, (4, 1, 8, 8), call, "z_image")
 
 
+def tiny_longcat_image(seed: int = 0) -> Tiny:
+    from diffusers import LongCatImageTransformer2DModel
+    torch.manual_seed(seed)
+    m = LongCatImageTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                       pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    text = _text_bank(seed, 3, 32)
+    grid = torch.meshgrid(torch.zeros(1), torch.arange(4).float(), torch.arange(4).float(), indexing="ij")
+    img_ids, txt_ids = torch.stack(grid, -1).reshape(16, 3), torch.zeros(3, 3)
+
+    def call(x, t, branch):
+        (enc,) = _per_sample(branch, x.shape[0], text)
+        return m(hidden_states=x, encoder_hidden_states=enc, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
+                 return_dict=False)[0]
+    return _tiny_video(m, seed, (16, 4), call, "longcat_image")
+
+
 TINY_2026 = {"consisid": tiny_consisid, "latte": tiny_latte, "sd3": tiny_sd3, "qwen_image": tiny_qwen_image,
-             "chroma": tiny_chroma, "flux2": tiny_flux2, "z_image": tiny_z_image}
+             "chroma": tiny_chroma, "flux2": tiny_flux2, "z_image": tiny_z_image,
+             "longcat_image": tiny_longcat_image}
