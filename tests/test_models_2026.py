@@ -43,7 +43,7 @@ MODELS_MD_2026_SETTINGS = {
 # MODELS.md: "No trustworthy public set (ship structure only)"
 STRUCTURE_ONLY = {("cosmos", "predict2"), ("wan", "2.2-a14b"), ("wan", "2.2-ti2v-5b"), ("sd3", "default"), ("qwen_image", "default"),
                   ("chroma", "default"), ("flux2", "default"), ("z_image", "default"),
-                  ("longcat_image", "default")}
+                  ("longcat_image", "default"), ("hunyuan_video15", "default")}
 
 # name -> (tiny model, variant, last step forced)
 CASES = {name: (make, None, True) for name, make in TINY_2026.items()}
@@ -225,7 +225,7 @@ def _modulated_value(ind):
 
 
 @pytest.mark.parametrize("case", ["sd3", "sd35", "chroma", "qwen_image", "latte", "latte-affine", "flux2",
-                                  "z_image", "longcat_image"])
+                                  "z_image", "longcat_image", "hunyuan_video15"])
 def test_indicator_is_block_zeros_modulated_input(case):
     special = {"sd35": tiny_sd35, "latte-affine": lambda seed: tiny_latte(seed, affine=True)}
     tiny = special[case](0) if case in special else TINY_2026[case](0)
@@ -241,7 +241,7 @@ def test_indicator_is_block_zeros_modulated_input(case):
     elif case == "z_image":
         scale = block.adaLN_modulation(call["adaln_input"]).unsqueeze(1).chunk(4, dim=2)[0]
         want = block.attention_norm1(x) * (1.0 + scale)
-    elif case in ("sd3", "sd35", "longcat_image"):
+    elif case in ("sd3", "sd35", "longcat_image", "hunyuan_video15"):
         want = block.norm1(x, emb=call["temb"])[0]
     elif case == "chroma":
         want = block.norm1(x, emb=call["temb"][:, :6])[0]

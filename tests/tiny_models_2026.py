@@ -8,7 +8,7 @@ from tiny_models import Tiny, _init, _per_sample, _randn, _text_bank, _tiny_vide
 
 __all__ = ["TINY_2026", "tiny_consisid", "tiny_latte", "tiny_sd3", "tiny_sd35", "tiny_qwen_image",
            "tiny_chroma", "tiny_flux2", "tiny_z_image",
-           "tiny_longcat_image"]
+           "tiny_longcat_image", "tiny_hunyuan_video15"]
 
 
 def tiny_consisid(seed: int = 0) -> Tiny:
@@ -150,6 +150,24 @@ def tiny_longcat_image(seed: int = 0) -> Tiny:
     return _tiny_video(m, seed, (16, 4), call, "longcat_image")
 
 
+def tiny_hunyuan_video15(seed: int = 0) -> Tiny:
+    from diffusers import HunyuanVideo15Transformer3DModel
+    torch.manual_seed(seed)
+    m = HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                         num_layers=2, num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8,
+                                         image_embed_dim=8, rope_axes_dim=(2, 2, 4))
+    text, byt5 = _text_bank(seed, 3, 16), _text_bank(seed + 7, 2, 8)
+
+    def call(x, t, branch):
+        enc, enc2 = _per_sample(branch, x.shape[0], text, byt5)
+        B = x.shape[0]
+        return m(hidden_states=x, timestep=t * 1000, encoder_hidden_states=enc,
+                 encoder_attention_mask=torch.ones(B, enc.shape[1]), encoder_hidden_states_2=enc2,
+                 encoder_attention_mask_2=torch.ones(B, enc2.shape[1]), image_embeds=torch.zeros(B, 2, 8),
+                 return_dict=False)[0]
+    return _tiny_video(m, seed, (4, 1, 4, 4), call, "hunyuan_video15")
+
+
 TINY_2026 = {"consisid": tiny_consisid, "latte": tiny_latte, "sd3": tiny_sd3, "qwen_image": tiny_qwen_image,
              "chroma": tiny_chroma, "flux2": tiny_flux2, "z_image": tiny_z_image,
-             "longcat_image": tiny_longcat_image}
+             "longcat_image": tiny_longcat_image, "hunyuan_video15": tiny_hunyuan_video15}

@@ -13,7 +13,8 @@ from typing import Dict, Optional, Tuple, Union
 
 from torch import nn
 
-from . import (chroma, cogvideox, consisid, cosmos, flux, flux2, hidream, hunyuan_video, latte, ltx_video,
+from . import (chroma, cogvideox, consisid, cosmos, flux, flux2, hidream, hunyuan_video, hunyuan_video15, latte,
+               ltx_video,
                longcat_image, lumina2, lumina_next, mochi, qwen_image, sd3, wan, z_image)
 from .base import (Adapter, BlockCall, Modulated, first_and_last, first_fraction, first_n, first_only,
                    signature_of)
@@ -27,7 +28,7 @@ __all__ = ["Adapter", "BlockCall", "Modulated", "Variant", "Family", "adapter_fo
 _FAMILIES: Dict[str, Family] = {
     mod.FAMILY.name: mod.FAMILY
     for mod in (flux, hunyuan_video, ltx_video, mochi, wan, cogvideox, hidream, lumina_next, lumina2, cosmos,
-                consisid, latte, sd3, qwen_image, chroma, flux2, z_image, longcat_image)
+                consisid, latte, sd3, qwen_image, chroma, flux2, z_image, longcat_image, hunyuan_video15)
 }
 
 
