@@ -252,3 +252,20 @@ def test_indicator_is_block_zeros_modulated_input(case):
         shift, scale = (block.scale_shift_table[None] + t).chunk(6, dim=1)[:2]
         want = block.norm1(x) * (1 + scale) + shift
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_wan22_configs_pick_structure_only_variants_never_a_wan21_set():
+    from types import SimpleNamespace
+    fam = models.family("wan")
+
+    def pick(**cfg):
+        return fam.default_variant_for(SimpleNamespace(config=SimpleNamespace(**cfg)))
+    assert pick(in_channels=48, image_dim=None, num_attention_heads=24, attention_head_dim=128,
+                num_layers=30) == "2.2-ti2v-5b"
+    assert pick(in_channels=36, image_dim=None, num_attention_heads=40, attention_head_dim=128,
+                num_layers=40) == "2.2-a14b"                      # Wan2.2 I2V-A14B: no CLIP image input
+    assert pick(in_channels=36, image_dim=1280, num_attention_heads=40, attention_head_dim=128,
+                num_layers=40) is None                            # Wan2.1 I2V: 480p or 720p, ask
+    assert pick(in_channels=16, image_dim=None, num_attention_heads=12, attention_head_dim=128,
+                num_layers=30) == "t2v-1.3b"
+    assert fam.expert_variant == "2.2-a14b"
