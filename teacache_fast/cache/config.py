@@ -55,7 +55,6 @@ class TeaCacheConfig:
     """
     threshold: float = 0.0
     coefficients: Optional[Sequence[float]] = None
-    accumulate: str = "sum"
     num_steps: Optional[int] = None
     ret_steps: int = 0
     start: float = 0.0
@@ -69,6 +68,7 @@ class TeaCacheConfig:
     observer: Optional[Callable[..., None]] = None
     sync_free: bool = False
     fitted_range: Optional[Tuple[float, float]] = None
+    accumulate: str = "sum"   # last: positional construction of the older fields is unchanged
 
     def replace(self, **changes) -> "TeaCacheConfig":
         known = {f.name for f in fields(self)}
