@@ -120,11 +120,13 @@ def _build_config(model: nn.Module, adapter: Adapter, config: Optional[TeaCacheC
 def no_coefficients_error(model: nn.Module, adapter: Adapter) -> ValueError:
     """The one error for a model whose preset has no trustworthy published
     coefficients (structure only) and no coefficients= from the user."""
-    which = adapter.name + (f" variant {adapter.variant!r}" if adapter.variant else "")
-    return ValueError(
-        f"TeaCache preset {which} ({type(model).__name__}) has no trustworthy published "
-        "coefficients: pass coefficients=[...] (highest power first, e.g. fitted by "
-        "`teacache-fast calibrate`) or coefficients=\"auto\" (calibrate on this model)")
+    ways = ("pass coefficients=[...] (highest power first, e.g. fitted by `teacache-fast "
+            "calibrate`) or coefficients=\"auto\" (calibrate on this model)")
+    if adapter.variant is None:  # a custom adapter, not a preset
+        return ValueError(f"coefficients are required for the custom adapter {adapter.name!r} "
+                          f"({type(model).__name__}): {ways}")
+    return ValueError(f"TeaCache preset {adapter.name} variant {adapter.variant!r} "
+                      f"({type(model).__name__}) has no trustworthy published coefficients: {ways}")
 
 
 def _denoiser_overrides(overrides: dict, name: Optional[str], names: List[Optional[str]]) -> dict:
