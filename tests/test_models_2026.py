@@ -16,7 +16,7 @@ from teacache_fast import models
 
 from test_diffusers_native import MiniPipe
 from tiny_models import euler_sample, single_thread, tiny_flux, tiny_hidream, tiny_lumina2, tiny_wan
-from tiny_models_2026 import TINY_2026, tiny_latte, tiny_sd35
+from tiny_models_2026 import TINY_2026, tiny_consisid, tiny_latte, tiny_sd35
 
 STEPS = 8
 LINEAR = [1.0, 0.0]  # poly(r) = r: skips follow the measured rel L1
@@ -48,6 +48,7 @@ STRUCTURE_ONLY = {("cosmos", "predict2"), ("wan", "2.2-a14b"), ("wan", "2.2-ti2v
 # name -> (tiny model, variant, last step forced)
 CASES = {name: (make, None, True) for name, make in TINY_2026.items()}
 CASES.update({"sd35": (tiny_sd35, None, True), "flux-kontext": (tiny_flux, "kontext", False),
+              "consisid-face": (lambda seed: tiny_consisid(seed, face=True), None, True),
               "hidream-dev": (tiny_hidream, "dev", False), "hidream-fast": (tiny_hidream, "fast", False),
               "lumina2-comfyui": (tiny_lumina2, "comfyui", True)})
 

@@ -11,18 +11,28 @@ __all__ = ["TINY_2026", "tiny_consisid", "tiny_latte", "tiny_sd3", "tiny_sd35", 
            "tiny_longcat_image", "tiny_hunyuan_video15"]
 
 
-def tiny_consisid(seed: int = 0) -> Tiny:
+def tiny_consisid(seed: int = 0, face: bool = False) -> Tiny:
+    """face=True: the identity-preserving checkpoints' layout (is_train_face),
+    a face cross-attention added to the video tokens after every block."""
     from diffusers import ConsisIDTransformer3DModel
     torch.manual_seed(seed)
-    m = ConsisIDTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                   time_embed_dim=2, text_embed_dim=8, num_layers=2, sample_width=8,
+    extra = dict(is_train_face=True, cross_attn_interval=1, cross_attn_dim_head=8, cross_attn_num_heads=2,
+                 LFE_id_dim=8, LFE_vit_dim=8, LFE_depth=1, LFE_dim_head=8, LFE_num_heads=2, LFE_num_id_token=2,
+                 LFE_num_querie=4, LFE_output_dim=32, LFE_ff_mult=1, LFE_num_scale=1) if face else {}
+    # with the face modules the cross-attention's kv width (2/3 of the inner dim) is LFE_output_dim
+    heads, head_dim = (3, 16) if face else (2, 8)
+    m = ConsisIDTransformer3DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                                   out_channels=4, time_embed_dim=2, text_embed_dim=8, num_layers=2, sample_width=8,
                                    sample_height=8, sample_frames=8, patch_size=2, temporal_compression_ratio=4,
-                                   max_text_seq_length=8)
+                                   max_text_seq_length=8, **extra)
     text = _text_bank(seed, 8, 8)
+    id_cond, id_vit = _randn((1, 8), seed + 400), _randn((1, 3, 8), seed + 401)
 
     def call(x, t, branch):
         (enc,) = _per_sample(branch, x.shape[0], text)
-        return m(hidden_states=x, encoder_hidden_states=enc, timestep=t * 1000, return_dict=False)[0]
+        B = x.shape[0]
+        face_kw = dict(id_cond=id_cond.expand(B, -1), id_vit_hidden=[id_vit.expand(B, -1, -1)]) if face else {}
+        return m(hidden_states=x, encoder_hidden_states=enc, timestep=t * 1000, return_dict=False, **face_kw)[0]
     return _tiny_video(m, seed, (2, 4, 8, 8), call, "consisid")
 
 
