@@ -270,3 +270,30 @@ def test_wan22_configs_pick_structure_only_variants_never_a_wan21_set():
     assert pick(in_channels=16, image_dim=None, num_attention_heads=12, attention_head_dim=128,
                 num_layers=30) == "t2v-1.3b"
     assert fam.expert_variant == "2.2-a14b"
+
+
+def test_wan22_ti2v_per_token_timesteps():
+    """TI2V-5B passes one timestep per latent token (B, seq_len); the indicator
+    (the time embedding e) is then per token too."""
+    from tiny_models import Tiny
+    base = tiny_wan(0)
+    m, text = base.model, torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(3))
+
+    def call(x, t, branch=0):
+        ts = (t * 1000)[:, None].expand(x.shape[0], 8).clone()  # 2 x 4 x 4 latents, 1x2x2 patches
+        return m(hidden_states=x, timestep=ts, encoder_hidden_states=text.expand(x.shape[0], -1, -1),
+                 return_dict=False)[0]
+    tiny = Tiny(m, call, base.latents)
+    x0 = tiny.latents(1)
+    plain = euler_sample(tiny, x0, STEPS)
+    tf.apply_teacache(m, threshold=0.0, num_steps=STEPS, variant="2.2-ti2v-5b", coefficients=LINEAR)
+    assert torch.equal(euler_sample(tiny, x0, STEPS), plain)
+    rel = tf.stats(m)["branches"][0]["rel_l1"][1:]
+    tf.remove_teacache(m)
+    tf.apply_teacache(m, threshold=2.5 * statistics.median(rel), num_steps=STEPS, variant="2.2-ti2v-5b",
+                      coefficients=LINEAR)
+    euler_sample(tiny, x0, STEPS)
+    b = tf.stats(m)["branches"][0]
+    tf.remove_teacache(m)
+    assert 2 <= b["computed"] < STEPS and b["steps"][0] and b["steps"][-1]
+    assert torch.equal(euler_sample(tiny, x0, STEPS), plain) and _no_shadows(m)
