@@ -134,15 +134,15 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("teacache_decide_", [](std::uintptr_t partials, std::uintptr_t state,
                                const std::vector<float> &coefficients, double threshold,
-                               std::uintptr_t force, int64_t max_skips, std::uintptr_t compute,
-                               int64_t count, std::uintptr_t stream) {
+                               std::uintptr_t force, int64_t max_skips, bool accumulate_abs,
+                               std::uintptr_t compute, int64_t count, std::uintptr_t stream) {
     check(tcf_teacache_decide(ptr<const float>(partials), ptr<float>(state), coefficients.data(),
                               static_cast<int>(coefficients.size()), threshold,
-                              ptr<const uint8_t>(force), max_skips, ptr<uint8_t>(compute), count,
-                              stream_of(stream)));
+                              ptr<const uint8_t>(force), max_skips, accumulate_abs ? 1 : 0,
+                              ptr<uint8_t>(compute), count, stream_of(stream)));
   }, py::arg("partials"), py::arg("state"), py::arg("coefficients"), py::arg("threshold"),
-     py::arg("force"), py::arg("max_skips"), py::arg("compute"), py::arg("count"),
-     py::arg("stream"));
+     py::arg("force"), py::arg("max_skips"), py::arg("accumulate_abs"), py::arg("compute"),
+     py::arg("count"), py::arg("stream"));
 
   m.def("residual_capture_", [](std::uintptr_t out, std::uintptr_t inp, std::uintptr_t residual,
                                 int64_t numel, int dtype, int residual_dtype, std::uintptr_t stream) {

@@ -18,7 +18,7 @@ struct Poly {
 __global__ void decide_kernel(const float *__restrict__ partials, float *__restrict__ state,
                               Poly poly, float threshold, bool never_skip,
                               const uint8_t *__restrict__ force, int64_t max_skips,
-                              uint8_t *__restrict__ compute, int64_t count) {
+                              bool accumulate_abs, uint8_t *__restrict__ compute, int64_t count) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float num = partials[2 * i], den = partials[2 * i + 1];
@@ -28,6 +28,7 @@ __global__ void decide_kernel(const float *__restrict__ partials, float *__restr
     const float r = valid ? rel : 0.f;
     float p = 0.f;
     for (int k = 0; k < poly.n; ++k) p = __fadd_rn(__fmul_rn(p, r), poly.c[k]);
+    if (accumulate_abs) p = fabsf(p);
     const float new_acc = __fadd_rn(acc, p);
     bool go = (force != nullptr && force[i] != 0) || !valid || !isfinite(new_acc) ||
               new_acc >= threshold || never_skip;
@@ -47,8 +48,8 @@ using namespace tcf;
 extern "C" tcf_status tcf_teacache_decide(const float *partials, float *state,
                                           const float *coefficients, int num_coefficients,
                                           double threshold, const uint8_t *force,
-                                          int64_t max_skips, uint8_t *compute, int64_t count,
-                                          cudaStream_t stream) {
+                                          int64_t max_skips, int accumulate_abs,
+                                          uint8_t *compute, int64_t count, cudaStream_t stream) {
   const char *op = "tcf_teacache_decide";
   const tcf_status bad = TCF_ERROR_INVALID_VALUE;
   if (count < 0) return fail(bad, "%s: count must be >= 0, got %lld", op, (long long)count);
@@ -76,6 +77,6 @@ extern "C" tcf_status tcf_teacache_decide(const float *partials, float *state,
   const unsigned grid = static_cast<unsigned>(blocks < kMaxGridY ? blocks : kMaxGridY);
   TCF_LAUNCH(decide_kernel, grid, kThreads, 0, stream)(
       partials, state, poly, static_cast<float>(threshold), threshold <= 0.0, force, max_skips,
-      compute, count);
+      accumulate_abs != 0, compute, count);
   return check_launch(op);
 }

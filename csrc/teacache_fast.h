@@ -90,7 +90,8 @@ tcf_status tcf_modulated_rel_l1(const void *x, const void *scale, int64_t scale_
                                 cudaStream_t stream);
 
 /* For each of `count` states: rel = partials[i,0] / partials[i,1];
- * acc += poly(rel) (Horner in fp32, coefficients highest power first);
+ * acc += poly(rel) (Horner in fp32, coefficients highest power first), or
+ * acc += |poly(rel)| when accumulate_abs is nonzero;
  * compute[i] = force[i] || rel or acc not finite || acc >= threshold ||
  * (max_skips >= 0 && skips >= max_skips); threshold <= 0 always computes.
  * state[i] = [acc, consecutive skips] (fp32) is updated in place: a compute
@@ -98,8 +99,8 @@ tcf_status tcf_modulated_rel_l1(const void *x, const void *scale, int64_t scale_
  * force may be NULL (no forced step); force/compute are device bytes. */
 tcf_status tcf_teacache_decide(const float *partials, float *state, const float *coefficients,
                                int num_coefficients, double threshold, const uint8_t *force,
-                               int64_t max_skips, uint8_t *compute, int64_t count,
-                               cudaStream_t stream);
+                               int64_t max_skips, int accumulate_abs, uint8_t *compute,
+                               int64_t count, cudaStream_t stream);
 
 /* residual = out - inp (fp32 arithmetic), residual in its own dtype. */
 tcf_status tcf_residual_capture(const void *out, const void *inp, void *residual, int64_t numel,

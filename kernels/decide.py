@@ -6,7 +6,7 @@ For S independent states (one per CFG branch / sample), with partials (S, 2)
 place), writes the bool compute flags (S,):
 
     rel     = num / den                      (invalid: num, den, rel not finite or den == 0)
-    new_acc = acc + poly(rel if valid else 0)
+    new_acc = acc + poly(rel if valid else 0)   (|poly(...)| with accumulate_abs)
     compute = force | invalid | new_acc not finite | new_acc >= threshold
               | threshold <= 0 | (max_skips >= 0 and skips >= max_skips)
               | skips not a finite number >= 0 (a corrupt state computes)
@@ -33,7 +33,7 @@ def _finite(v):
 
 @triton.jit
 def _decide_kernel(part_ptr, state_ptr, force_ptr, flags_ptr, S, threshold, max_skips,
-                   c0, c1, c2, c3, c4, c5, c6, c7, c8, BLOCK: tl.constexpr):
+                   c0, c1, c2, c3, c4, c5, c6, c7, c8, ACC_ABS: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < S
     num = tl.load(part_ptr + 2 * i, mask=mask, other=0.0)
@@ -59,6 +59,8 @@ def _decide_kernel(part_ptr, state_ptr, force_ptr, flags_ptr, S, threshold, max_
     p = p * r + c6
     p = p * r + c7
     p = p * r + c8
+    if ACC_ABS:
+        p = tl.abs(p)
     new_acc = acc + p
 
     compute = force | (~valid) | (~_finite(new_acc)) | (new_acc >= threshold)
@@ -72,10 +74,11 @@ def _decide_kernel(part_ptr, state_ptr, force_ptr, flags_ptr, S, threshold, max_
 
 
 def teacache_decide_(partials, state, coefficients, threshold, force, max_skips, *, block,
-                     num_warps):
+                     num_warps, accumulate_abs=False):
     """Return bool flags (S,); partials, state: contiguous fp32 (S, 2); force: (S,) bool.
 
     coefficients: 1..9 floats, highest power first. max_skips < 0 means no limit.
+    accumulate_abs: acc += |poly(rel)| instead of poly(rel).
     """
     coeffs = [float(c) for c in coefficients]
     if not 1 <= len(coeffs) <= MAX_COEFFICIENTS:
@@ -85,5 +88,5 @@ def teacache_decide_(partials, state, coefficients, threshold, force, max_skips,
     flags = torch.empty((S,), dtype=torch.bool, device=partials.device)
     _decide_kernel[(triton.cdiv(S, block),)](
         partials, state, force.view(torch.uint8), flags.view(torch.uint8), S, float(threshold), float(max_skips), *coeffs,
-        BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)
+        ACC_ABS=bool(accumulate_abs), BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)
     return flags

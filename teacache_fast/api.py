@@ -11,7 +11,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -107,7 +107,8 @@ def _build_config(model: nn.Module, adapter: Adapter, config: Optional[TeaCacheC
     if config is not None and not isinstance(config, TeaCacheConfig):
         raise TypeError(f"config must be a TeaCacheConfig, got {type(config).__name__}")
     cfg = config if config is not None else TeaCacheConfig(
-        threshold=adapter.threshold if adapter.threshold is not None else 0.0)
+        threshold=adapter.threshold if adapter.threshold is not None else 0.0,
+        accumulate=adapter.accumulate, start=adapter.window[0], end=adapter.window[1])
     cfg = cfg.replace(**overrides)
     if threshold is not None:
         cfg = cfg.replace(threshold=threshold)
@@ -117,7 +118,38 @@ def _build_config(model: nn.Module, adapter: Adapter, config: Optional[TeaCacheC
         cfg = cfg.replace(coefficients=fitted["coefficients"] if fitted else adapter.coefficients)
         if fitted and fitted.get("fitted_range") and cfg.fitted_range is None:
             cfg = cfg.replace(fitted_range=tuple(fitted["fitted_range"]))
+    if cfg.coefficients is None:
+        raise no_coefficients_error(model, adapter)
     return cfg.validate()
+
+
+def no_coefficients_error(model: nn.Module, adapter: Adapter) -> ValueError:
+    """The one error for a model whose preset has no trustworthy published
+    coefficients (structure only) and no coefficients= from the user."""
+    ways = ("pass coefficients=[...] (highest power first, e.g. fitted by `teacache-fast "
+            "calibrate`) or coefficients=\"auto\" (calibrate on this model)")
+    if adapter.variant is None:  # a custom adapter, not a preset
+        return ValueError(f"coefficients are required for the custom adapter {adapter.name!r} "
+                          f"({type(model).__name__}): {ways}")
+    return ValueError(f"TeaCache preset {adapter.name} variant {adapter.variant!r} "
+                      f"({type(model).__name__}) has no trustworthy published coefficients: {ways}")
+
+
+def _denoiser_overrides(overrides: dict, name: Optional[str], names: List[Optional[str]]) -> dict:
+    """``coefficients={"transformer": [...], "transformer_2": [...]}``: one set
+    per denoiser of a pipeline (Wan2.2 A14B's two experts); this one's."""
+    coefficients = overrides.get("coefficients")
+    if not isinstance(coefficients, Mapping):
+        return overrides
+    if name is None or len(names) < 2:
+        raise ValueError("coefficients= as a dict (denoiser name -> coefficients) needs a pipeline "
+                         "with several denoisers (e.g. transformer and transformer_2); give a "
+                         "list for one model")
+    unknown = sorted(set(coefficients) - set(names))
+    if unknown or name not in coefficients:
+        raise ValueError(f"coefficients= per denoiser must have exactly the pipeline's denoisers "
+                         f"{names} as keys; got {sorted(coefficients)}")
+    return dict(overrides, coefficients=coefficients[name])
 
 
 def apply_teacache(module: Any, config: Optional[TeaCacheConfig] = None, *,
@@ -148,7 +180,12 @@ def apply_teacache(module: Any, config: Optional[TeaCacheConfig] = None, *,
     model's diffusers context-parallel config when it has one (found at each
     call, so ``enable_parallelism`` may come before or after), else no
     communication; a given group must cover the same ranks as that config.
-    False: no communication even then.
+    False: no communication even then. coefficients= (a TeaCacheConfig
+    field) may be a dict denoiser name -> coefficients for a pipeline with
+    several denoisers (Wan2.2 A14B: ``{"transformer": [...], "transformer_2":
+    [...]}``); such a pipeline's experts take their family's expert variant.
+    A preset with no trustworthy published set (structure only) needs
+    coefficients= or coefficients="auto".
 
     coefficients="auto" (self-calibration, teacache_fast.calibrate.auto): a
     fit stored for this model (class, config hash, variant; one per denoiser
@@ -164,12 +201,14 @@ def apply_teacache(module: Any, config: Optional[TeaCacheConfig] = None, *,
     convention, min_r2, min_pairs). Returns the transformer.
     """
     targets = _targets(module)
+    names = [name for name, _, _ in targets]
     done: List[nn.Module] = []
     try:
         auto = _auto_request(config, overrides, calibration_dir, calibration)
         for name, model, pipeline in targets:
             _apply_one(model, pipeline, config, threshold, preset, variant, adapter, process_group,
-                       overrides, auto and dict(auto, denoiser=name))
+                       _denoiser_overrides(overrides, name, names), experts=len(names) > 1,
+                       auto_request=auto and dict(auto, denoiser=name))
             done.append(model)
     except Exception:
         for model in done:
@@ -211,8 +250,9 @@ def _start_auto(model: nn.Module, adapter: Adapter, config, threshold, overrides
 
 
 def _apply_one(model: nn.Module, pipeline: Any, config, threshold, preset, variant, adapter,
-               process_group, overrides, auto_request: Optional[dict] = None) -> None:
-    from .models import adapter_for
+               process_group, overrides, experts: bool = False,
+               auto_request: Optional[dict] = None) -> None:
+    from .models import adapter_for, family_for
     if _ATTR in model.__dict__:
         raise RuntimeError(f"TeaCache is already attached to this {type(model).__name__}; "
                            "call remove_teacache first")
@@ -225,6 +265,9 @@ def _apply_one(model: nn.Module, pipeline: Any, config, threshold, preset, varia
         fitted = _load_fitted(preset, model, threshold is not None or config is not None)
         preset = None
     if adapter is None:
+        fam = family_for(model) if experts and preset is None and variant is None else None
+        if fam is not None and fam.expert_variant is not None:
+            variant = fam.expert_variant  # one of two experts (Wan2.2 A14B)
         adapter = adapter_for(model, preset=preset, variant=variant)
     elif preset is not None or variant is not None:
         raise ValueError("pass either adapter= or preset=/variant=, not both")

@@ -12,7 +12,7 @@ op                          what it computes
 modulate                    ``norm(x) * (1 + scale) + shift``
 rel_l1_partials             fp32 ``[sum|cur - prev|, sum|prev|]`` (per sample: (B, 2))
 modulated_rel_l1_           both above in one pass; writes the new ``m`` into prev
-teacache_decide_            ``acc += poly(rel)``; compute flags; updates state
+teacache_decide_            ``acc += poly(rel)`` (or ``|poly(rel)|``); compute flags; updates state
 residual_capture_           ``residual = out - inp`` into a preallocated buffer
 residual_apply_             ``hidden += residual`` (optionally per-sample mask)
 ==========================  ======================================================
@@ -207,7 +207,7 @@ def modulated_rel_l1_(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor
 # --------------------------------------------------------------------------- teacache_decide_
 
 def _decide_impl(partials: Tensor, state: Tensor, coefficients: List[float], threshold: float,
-            force: Tensor, max_consecutive_skips: int) -> Tensor:
+            force: Tensor, max_consecutive_skips: int, accumulate_abs: bool = False) -> Tensor:
     lead = partials.shape[:-1]
     p2 = partials.reshape(-1, 2).contiguous()
     f1 = force.reshape(-1).contiguous()
@@ -216,7 +216,7 @@ def _decide_impl(partials: Tensor, state: Tensor, coefficients: List[float], thr
 
     def run(buf: Tensor) -> None:
         result.append(be.teacache_decide_(p2, buf.view(-1, 2), coefficients, threshold, f1,
-                                          max_consecutive_skips))
+                                          max_consecutive_skips, accumulate_abs))
 
     _write_back(state, run)
     return result[0].view(lead)
@@ -227,7 +227,7 @@ _decide = torch.library.custom_op("teacache_fast::teacache_decide_", _decide_imp
 
 
 @_decide.register_fake
-def _(partials, state, coefficients, threshold, force, max_consecutive_skips):
+def _(partials, state, coefficients, threshold, force, max_consecutive_skips, accumulate_abs=False):
     return partials.new_empty(partials.shape[:-1], dtype=torch.bool)
 
 
@@ -240,7 +240,8 @@ def new_decide_state(partials_shape=(2,), device="cpu") -> Tensor:
 
 
 def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: float, *,
-                     force=False, max_consecutive_skips: Optional[int] = None) -> Tensor:
+                     force=False, max_consecutive_skips: Optional[int] = None,
+                     accumulate_abs: bool = False) -> Tensor:
     """Steps 3-4 on the device; returns bool compute flags of shape ``partials.shape[:-1]``.
 
     state (fp32, same shape as partials) holds ``[acc, consecutive_skips]`` and
@@ -251,6 +252,8 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: f
     >= 0 (a corrupt state: a NaN counter would defeat ``max_consecutive_skips``);
     a compute resets acc and the skip counter (a forced step does not
     accumulate). ``threshold == 0`` never skips. No host sync.
+    accumulate_abs: ``acc += |poly(num / den)|`` instead (TeaCacheConfig's
+    ``accumulate="abs"``, the convention of some published sets).
     """
     _check_tensor("partials", partials, dtypes=(torch.float32,))
     if partials.shape[-1] != 2:
@@ -280,8 +283,9 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: f
         raise ValueError(f"max_consecutive_skips must be None or an int >= 0, got {max_consecutive_skips!r}")
     else:
         max_skips = int(max_consecutive_skips)
+    _check_bool("accumulate_abs", accumulate_abs)
     return _dispatch(_decide_impl, _decide, partials)(partials, state, coeffs, float(threshold),
-                                                      force, max_skips)
+                                                      force, max_skips, accumulate_abs)
 
 
 # --------------------------------------------------------------------------- residual ops

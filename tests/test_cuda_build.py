@@ -33,7 +33,7 @@ def test_c_api_reports_bad_arguments_before_touching_cuda():
     with pytest.raises(RuntimeError, match="unknown dtype code 9"):
         C.residual_capture_(16, 16, 16, 4, 9, C.FLOAT32, 0)
     with pytest.raises(RuntimeError, match="num_coefficients must be 1..9"):
-        C.teacache_decide_(16, 16, [0.0] * 10, 0.1, 0, -1, 16, 1, 0)
+        C.teacache_decide_(16, 16, [0.0] * 10, 0.1, 0, -1, False, 16, 1, 0)
     with pytest.raises(RuntimeError, match="workspace must not be NULL"):
         C.rel_l1_partials(16, 16, 16, 1, 8, C.FLOAT32, False, 0, 0, 0)
 

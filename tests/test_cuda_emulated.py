@@ -69,7 +69,7 @@ _SIGNATURES = {
     "tcf_rel_l1_partials": ([_V, _V, _V, _I64, _I64, _I, _I, _V, _SZ, _V], _I),
     "tcf_modulated_rel_l1": ([_V, _V, _I64, _V, _I64, _V, _V, _I64, _I64, _I64, _I, _I, _I, _F, _I,
                               _V, _SZ, _V], _I),
-    "tcf_teacache_decide": ([_V, _V, _V, _I, _D, _V, _I64, _V, _I64, _V], _I),
+    "tcf_teacache_decide": ([_V, _V, _V, _I, _D, _V, _I64, _I, _V, _I64, _V], _I),
     "tcf_residual_capture": ([_V, _V, _V, _I64, _I, _I, _V], _I),
     "tcf_residual_apply": ([_V, _V, _V, _I64, _I64, _I, _I, _V], _I),
     "tcf_emu_set_device": ([_I, _I], _I),
@@ -176,13 +176,14 @@ class Emu:
         del keep
         return out
 
-    def teacache_decide_(self, partials, state, coefficients, threshold, force_bytes, max_skips):
+    def teacache_decide_(self, partials, state, coefficients, threshold, force_bytes, max_skips,
+                         accumulate_abs=False):
         S = partials.shape[0]
         coeffs = torch.tensor(coefficients, dtype=torch.float32)
         compute = torch.full((S,), 7, dtype=torch.uint8)
         self.call("tcf_teacache_decide", partials.data_ptr(), state.data_ptr(), coeffs.data_ptr(),
                   len(coefficients), threshold, 0 if force_bytes is None else force_bytes.data_ptr(),
-                  max_skips, compute.data_ptr(), S, None)
+                  max_skips, int(accumulate_abs), compute.data_ptr(), S, None)
         return compute
 
     def residual_capture_(self, out, inp, residual):
@@ -506,13 +507,15 @@ def test_empty_inputs_launch_nothing_and_give_zero_sums(emu):
 
 # --------------------------------------------------------------------------- decide
 
-def _decide_case(emu, partials, state, coefficients, threshold, force, max_skips):
+def _decide_case(emu, partials, state, coefficients, threshold, force, max_skips, accumulate_abs=False):
     """Run both backends on copies; the same fp32 operations in the same order: same bits."""
     force_bytes = None if force is None else force.clone()
     st_emu, st_ref = state.clone(), state.clone()
-    got = emu.teacache_decide_(partials, st_emu, coefficients, threshold, force_bytes, max_skips)
+    got = emu.teacache_decide_(partials, st_emu, coefficients, threshold, force_bytes, max_skips,
+                               accumulate_abs)
     force_bool = torch.zeros(partials.shape[0], dtype=torch.bool) if force is None else force != 0
-    want = ref.teacache_decide_(partials, st_ref, coefficients, threshold, force_bool, max_skips)
+    want = ref.teacache_decide_(partials, st_ref, coefficients, threshold, force_bool, max_skips,
+                                accumulate_abs)
     assert set(got.tolist()) <= {0, 1}
     assert torch.equal(got.bool(), want), (got, want)
     _assert_bits(st_emu, st_ref)
@@ -536,6 +539,21 @@ def test_decide_matches_torch_bit_for_bit(emu, S, threshold, max_skips):
     for step in range(3):  # the state carries over
         _, state = _decide_case(emu, partials, state, coefficients, threshold,
                                 force if step != 1 else None, max_skips)
+
+
+@pytest.mark.parametrize("accumulate_abs", [False, True])
+def test_decide_abs_accumulation_matches_torch_and_host_bitwise(emu, accumulate_abs):
+    from teacache_fast.cache.decision import HostDecision
+    # FLUX.1-Kontext's set: negative for rel > 0.2407 (abs and sum part there)
+    kontext = [-1.04655119e+03, 3.12563399e+02, -1.69500694e+01, 4.10995971e-01, 3.74537863e-02]
+    g = torch.Generator().manual_seed(5)
+    state, host = torch.zeros(6, 2), HostDecision(6)
+    for _ in range(4):
+        partials = torch.stack((torch.rand(6, generator=g) * 0.45, torch.ones(6)), 1)
+        flags, state = _decide_case(emu, partials, state, kontext, 0.6, None, -1, accumulate_abs)
+        assert host.step(partials.tolist(), kontext, 0.6, False, None, accumulate_abs) == flags.tolist()
+        _assert_bits(torch.tensor(host.as_rows(), dtype=torch.float32), state)
+    assert bool((state[:, 0] >= 0).all()) or not accumulate_abs
 
 
 def test_decide_hand_worked_sequence(emu):

@@ -219,6 +219,24 @@ def test_decide_matches_torch_bitwise(coefficients):
             assert torch.equal(s_tr, s_to), (threshold, max_skips)
 
 
+def test_decide_abs_accumulation_matches_torch_bitwise():
+    # negative for r > 0.5: abs and sum part there
+    coefficients = [-4.0, 1.0, 0.5]
+    partials = torch.tensor([[0.1, 1.0], [0.7, 1.0], [0.9, 1.0], [0.3, 0.5]], device=DEV)
+    results = []
+    for run in (_triton, _torch):
+        for acc_abs in (False, True):
+            state = ops.new_decide_state((4, 2), device=DEV)
+            for _ in range(3):
+                flags = run(ops.teacache_decide_, partials, state, coefficients, 10.0,
+                            accumulate_abs=acc_abs)
+            results.append((flags, state))
+    (f_tr, s_tr), (fa_tr, sa_tr), (f_to, s_to), (fa_to, sa_to) = results
+    assert torch.equal(f_tr, f_to) and torch.equal(s_tr, s_to)
+    assert torch.equal(fa_tr, fa_to) and torch.equal(sa_tr, sa_to)
+    assert bool((s_tr[1:3, 0] < 0).all()) and bool((sa_tr[1:3, 0] > 0).all())
+
+
 def test_decide_hand_worked_degree4_sequence():
     # poly(r) = r^4 - r^3 + 0.5 r^2 + 2 r + 0.01, threshold 0.5, at most 1 skip in a row.
     coefficients = [1.0, -1.0, 0.5, 2.0, 0.01]

@@ -121,3 +121,15 @@ def test_sync_free_needs_num_steps_before_the_first_call(tiny):
         assert tf.inspect(tiny.model).config.branches == 1  # the default: one branch
         with pytest.raises(RuntimeError, match="sync_free=True needs num_steps"):
             tiny.call(tiny.latents(1), torch.ones(1))
+
+
+def test_abs_accumulation_reaches_both_runners_alike(tiny):
+    # poly(rel) = -4 rel: negative everywhere, so "sum" never reaches the
+    # threshold (only the forced first and last steps compute); "abs" does
+    neg = [-4.0, 0.0]
+    (_, st_sum), = _run(tiny, coefficients=neg)
+    assert st_sum["computed"] == 2, _steps(st_sum)
+    (ref_out, ref_st), = _run(tiny, coefficients=neg, accumulate="abs")
+    (out, st), = _run(tiny, coefficients=neg, accumulate="abs", sync_free=True)
+    assert ref_st["computed"] > 2 and ref_st["skipped"] > 0, _steps(ref_st)
+    assert torch.equal(out, ref_out) and _steps(st) == _steps(ref_st)

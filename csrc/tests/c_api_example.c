@@ -49,7 +49,7 @@ static void check_validation(void) {
                "not aligned", "modulated_rel_l1 with a misaligned x");
   expect_error(tcf_rel_l1_partials(fake, fake, NULL, 1, 8, TCF_BFLOAT16, 0, (float *)fake, 16, 0),
                "partials must not be NULL", "rel_l1_partials with a NULL partials");
-  expect_error(tcf_teacache_decide((float *)fake, (float *)fake, coeffs, 0, 0.1, NULL, -1,
+  expect_error(tcf_teacache_decide((float *)fake, (float *)fake, coeffs, 0, 0.1, NULL, -1, 0,
                                    (uint8_t *)fake, 1, 0),
                "num_coefficients must be 1..9", "decide with no coefficients");
   expect_error(tcf_residual_capture(fake, fake, fake, -1, TCF_FLOAT32, TCF_FLOAT32, 0),
@@ -137,7 +137,7 @@ static void check_on_gpu(void) {
                               ws_floats, 0));
   /* poly(r) = r: compute when the relative L1 reaches 1e9, i.e. skip this step */
   const float coeffs[2] = {1.0f, 0.0f};
-  TCF_OK(tcf_teacache_decide(d_partials, d_state, coeffs, 2, 1e9, NULL, -1, d_compute, 1, 0));
+  TCF_OK(tcf_teacache_decide(d_partials, d_state, coeffs, 2, 1e9, NULL, -1, 0, d_compute, 1, 0));
   /* residual = prev(m) - x, then x += residual gives m back */
   TCF_OK(tcf_residual_capture(d_prev, d_x, d_res, N, TCF_FLOAT32, TCF_FLOAT32, 0));
   TCF_OK(tcf_residual_apply(d_x, d_res, NULL, B, R * C, TCF_FLOAT32, TCF_FLOAT32, 0));

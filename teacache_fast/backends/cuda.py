@@ -153,7 +153,8 @@ def modulated_rel_l1_(x: Tensor, scale, shift, prev: Tensor, norm: str, eps: flo
 
 
 def teacache_decide_(partials: Tensor, state: Tensor, coefficients: Sequence[float],
-                     threshold: float, force: Tensor, max_skips: int) -> Tensor:
+                     threshold: float, force: Tensor, max_skips: int,
+                     accumulate_abs: bool = False) -> Tensor:
     lib = _lib()
     for name, t in (("partials", partials), ("state", state)):
         if _check(name, t, partials.device) != _DTYPE_CODES[torch.float32] or t.dim() != 2 \
@@ -169,7 +170,7 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients: Sequence[flo
     with torch.cuda.device(partials.device):
         _call(lib.teacache_decide_, partials.data_ptr(), state.data_ptr(),
               [float(c) for c in coefficients], float(threshold), force.data_ptr(),
-              int(max_skips), compute.data_ptr(), S, _stream(partials.device))
+              int(max_skips), bool(accumulate_abs), compute.data_ptr(), S, _stream(partials.device))
     return compute
 
 

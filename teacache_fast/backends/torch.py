@@ -172,13 +172,15 @@ def poly_eval(coefficients: Sequence[float], r: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def teacache_decide_(partials, state, coefficients, threshold: float, force, max_skips: int) -> torch.Tensor:
+def teacache_decide_(partials, state, coefficients, threshold: float, force, max_skips: int,
+                     accumulate_abs: bool = False) -> torch.Tensor:
     """Steps 3-4 of the algorithm for S independent states (see ops.teacache_decide_)."""
     num, den = partials[:, 0], partials[:, 1]
     acc, skips = state[:, 0], state[:, 1]
     rel = num / den
     valid = torch.isfinite(num) & torch.isfinite(den) & (den != 0) & torch.isfinite(rel)
-    new_acc = acc + poly_eval(coefficients, torch.where(valid, rel, torch.zeros_like(rel)))
+    poly = poly_eval(coefficients, torch.where(valid, rel, torch.zeros_like(rel)))
+    new_acc = acc + (poly.abs() if accumulate_abs else poly)
     compute = force | ~valid | ~torch.isfinite(new_acc) | (new_acc >= threshold)
     if threshold <= 0.0:  # threshold 0 disables skipping, whatever the sign of poly
         compute = torch.ones_like(compute)

@@ -122,12 +122,13 @@ def modulated_rel_l1_(x, scale, shift, prev, norm: str, eps: float, per_sample: 
         return _finish(partials, per_sample)
 
 
-def teacache_decide_(partials, state, coefficients, threshold: float, force, max_skips: int) -> torch.Tensor:
+def teacache_decide_(partials, state, coefficients, threshold: float, force, max_skips: int,
+                     accumulate_abs: bool = False) -> torch.Tensor:
     S = partials.shape[0]
     cfg = launch_config(S, 1, 1, partials.device)
     with _on(partials.device):
         return _decide.teacache_decide_(partials, state, coefficients, threshold, force, max_skips,
-                                        block=cfg.block, num_warps=min(cfg.num_warps, 4))
+                                        accumulate_abs=accumulate_abs, block=cfg.block, num_warps=min(cfg.num_warps, 4))
 
 
 def residual_capture_(out, inp, residual) -> None:

@@ -15,7 +15,9 @@ import torch
 
 from .. import ops
 
-__all__ = ["TeaCacheConfig"]
+__all__ = ["TeaCacheConfig", "ACCUMULATE"]
+
+ACCUMULATE = ("sum", "abs")  # how poly(rel) enters the accumulator
 
 
 @dataclass
@@ -24,6 +26,9 @@ class TeaCacheConfig:
 
     threshold: skip while the accumulated estimate stays below it (0 never skips).
     coefficients: rescaling polynomial, highest power first (numpy.poly1d order).
+    accumulate: "sum" (``acc += poly(rel)``, the official scripts) or "abs"
+        (``acc += |poly(rel)|``, the convention some published sets were tuned
+        with, e.g. FLUX.1-Kontext); apply_teacache takes the preset's.
     num_steps: transformer calls per branch in one generation; taken from the
         pipeline's scheduler when apply_teacache gets a pipeline.
     ret_steps: the first ret_steps steps always compute.
@@ -63,6 +68,7 @@ class TeaCacheConfig:
     observer: Optional[Callable[..., None]] = None
     sync_free: bool = False
     fitted_range: Optional[Tuple[float, float]] = None
+    accumulate: str = "sum"   # last: positional construction of the older fields is unchanged
 
     def replace(self, **changes) -> "TeaCacheConfig":
         known = {f.name for f in fields(self)}
@@ -78,6 +84,9 @@ class TeaCacheConfig:
             raise ValueError("coefficients are required (5 floats, highest power first) for a model "
                              "without a preset; see teacache_fast.models.presets()")
         self.coefficients = ops._as_coefficients(self.coefficients)
+        if self.accumulate not in ACCUMULATE:
+            raise ValueError(f"accumulate must be one of {ACCUMULATE} ('sum': acc += poly(rel); "
+                             f"'abs': acc += |poly(rel)|), got {self.accumulate!r}")
         _check_int("num_steps", self.num_steps, minimum=1, optional=True)
         _check_int("ret_steps", self.ret_steps, minimum=0)
         _check_int("max_consecutive_skips", self.max_consecutive_skips, minimum=0, optional=True)

@@ -4,7 +4,8 @@ The host-read wrapper reads the indicator's fp32 partials once per call
 anyway, so the decision is made here instead of in a ``teacache_decide_``
 launch: no extra op, no second read. The arithmetic is the decide kernel's,
 in fp32, operation by operation (``rel = num / den``, Horner with each
-coefficient rounded to fp32, ``acc + poly``, the threshold compared in fp32),
+coefficient rounded to fp32, ``acc + poly`` or ``acc + |poly|``, the
+threshold compared in fp32),
 so the flags and the state are bitwise those of ``ops.teacache_decide_``
 (tests/test_cache_decision.py checks it against every backend it can run).
 """
@@ -27,12 +28,13 @@ def f32(v: float) -> float:
     return ctypes.c_float(v).value
 
 
-def estimate(coefficients: Sequence[float], rel: float) -> float:
-    """poly(rel) as the decision evaluates it (fp32 Horner)."""
+def estimate(coefficients: Sequence[float], rel: float, accumulate_abs: bool = False) -> float:
+    """poly(rel) as the decision evaluates it (fp32 Horner); |poly(rel)| with
+    accumulate_abs (what the accumulator then gets)."""
     poly = 0.0
     for c in coefficients:
         poly = f32(f32(poly * rel) + f32(c))
-    return poly
+    return abs(poly) if accumulate_abs else poly
 
 
 class HostDecision:
@@ -56,9 +58,11 @@ class HostDecision:
         return len(self.acc)
 
     def step(self, partials: Sequence[Sequence[float]], coefficients: Sequence[float],
-             threshold: float, force: bool, max_skips: Optional[int]) -> List[bool]:
+             threshold: float, force: bool, max_skips: Optional[int],
+             accumulate_abs: bool = False) -> List[bool]:
         """One call: ``partials`` is S rows of ``[num, den]`` (fp32 values read
-        from the device); returns S compute flags and updates the state."""
+        from the device); returns S compute flags and updates the state.
+        accumulate_abs: ``acc += |poly(rel)|`` (|x| of an fp32 is exact)."""
         if coefficients is not self._coeffs:
             self._coeffs, self._coeffs32 = coefficients, [f32(c) for c in coefficients]
         coeffs = self._coeffs32
@@ -74,6 +78,8 @@ class HostDecision:
             poly = 0.0
             for c in coeffs:
                 poly = f32(f32(poly * rel) + c)
+            if accumulate_abs:
+                poly = abs(poly)
             acc = f32(self.acc[i] + poly)
             rels.append(rel if valid else math.nan)
             negative = negative or (valid and poly < 0)

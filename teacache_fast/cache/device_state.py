@@ -118,7 +118,8 @@ class DeviceSchedule:
 def decide(indicator: Tensor, prev: Tensor, state: Tensor, coefficients: Sequence[float],
            threshold: float, *, force=False, scale: Optional[Tensor] = None,
            shift: Optional[Tensor] = None, norm: Optional[str] = "layer", eps: float = 1e-6,
-           max_consecutive_skips: Optional[int] = None, process_group=None) -> Tensor:
+           max_consecutive_skips: Optional[int] = None, process_group=None,
+           accumulate_abs: bool = False) -> Tensor:
     """Indicator + decision on the device; returns the 0-d bool compute flag.
 
     norm=None compares ``indicator`` as is (an embedding); otherwise it is
@@ -126,11 +127,12 @@ def decide(indicator: Tensor, prev: Tensor, state: Tensor, coefficients: Sequenc
     indicator) and ``state`` (fp32 ``(2,)``) are updated in place. force may
     be a Python bool (a constant under compile) or a 0-d bool tensor.
     process_group: all-reduce the partials over it first (sequence parallel).
+    accumulate_abs: ``acc += |poly(rel)|`` (TeaCacheConfig.accumulate="abs").
     """
     return decide_with_partials(indicator, prev, state, coefficients, threshold, force=force,
                                 scale=scale, shift=shift, norm=norm, eps=eps,
                                 max_consecutive_skips=max_consecutive_skips,
-                                process_group=process_group)[0]
+                                process_group=process_group, accumulate_abs=accumulate_abs)[0]
 
 
 def decide_with_partials(indicator: Tensor, prev: Tensor, state: Tensor,
@@ -138,7 +140,7 @@ def decide_with_partials(indicator: Tensor, prev: Tensor, state: Tensor,
                          scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
                          norm: Optional[str] = "layer", eps: float = 1e-6,
                          max_consecutive_skips: Optional[int] = None, process_group=None,
-                         step: Optional[Tensor] = None):
+                         step: Optional[Tensor] = None, accumulate_abs: bool = False):
     """:func:`decide`, also returning the fp32 ``(2,)`` partials (for a trace).
 
     With a process_group the force flag is agreed on the device (any rank's
@@ -148,7 +150,8 @@ def decide_with_partials(indicator: Tensor, prev: Tensor, state: Tensor,
     if process_group is not None:
         force = reduce_partials_(partials, process_group, force=force, step=step, sync_free=True)
     flag = ops.teacache_decide_(partials, state, coefficients, threshold, force=force,
-                                max_consecutive_skips=max_consecutive_skips)
+                                max_consecutive_skips=max_consecutive_skips,
+                                accumulate_abs=accumulate_abs)
     return flag, partials
 
 
@@ -221,7 +224,7 @@ class SyncFreeBranch:
         if self.prev is not None:
             self.prev.zero_()
 
-    def stats(self, coefficients=()) -> dict:
+    def stats(self, coefficients=(), accumulate_abs: bool = False) -> dict:
         """This generation's steps so far in the stats schema, plus ``calls``
         and ``wraps`` (generations the device counter started on its own):
         the one host read of the traces."""
@@ -232,7 +235,7 @@ class SyncFreeBranch:
         computed = sum(steps)
         batch = self.residual.shape[0] if self.residual is not None else 0
         rel = (p[:, 0] / p[:, 1]).tolist()
-        negative = sum(1 for r in rel if math.isfinite(r) and estimate(coefficients, r) < 0)
+        negative = sum(1 for r in rel if math.isfinite(r) and estimate(coefficients, r, accumulate_abs) < 0)
         entry = branch_entry(computed=computed, skipped=n - computed, steps=steps,
                              sample_computed=[computed] * batch,
                              sample_skipped=[n - computed] * batch,

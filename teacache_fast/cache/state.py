@@ -107,7 +107,7 @@ class BranchState:
             self.decision = HostDecision(len(rows))
         self.partials[step] = rows
         return self.decision.step(rows, config.coefficients, config.threshold, force,
-                                  config.max_consecutive_skips)
+                                  config.max_consecutive_skips, config.accumulate == "abs")
 
     def must_compute(self, stream: Tensor) -> bool:
         """No residual to reuse for a stream like this one."""

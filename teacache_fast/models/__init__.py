@@ -13,7 +13,9 @@ from typing import Dict, Optional, Tuple, Union
 
 from torch import nn
 
-from . import cogvideox, cosmos, flux, hidream, hunyuan_video, ltx_video, lumina2, lumina_next, mochi, wan
+from . import (chroma, cogvideox, consisid, cosmos, flux, flux2, hidream, hunyuan_video, hunyuan_video15, latte,
+               ltx_video,
+               longcat_image, lumina2, lumina_next, mochi, qwen_image, sd3, wan, z_image)
 from .base import (Adapter, BlockCall, Modulated, first_and_last, first_fraction, first_n, first_only,
                    signature_of)
 from .record import Family, Variant, pick_variant
@@ -25,7 +27,8 @@ __all__ = ["Adapter", "BlockCall", "Modulated", "Variant", "Family", "adapter_fo
 # preset name -> Family, in the order a model's class is matched
 _FAMILIES: Dict[str, Family] = {
     mod.FAMILY.name: mod.FAMILY
-    for mod in (flux, hunyuan_video, ltx_video, mochi, wan, cogvideox, hidream, lumina_next, lumina2, cosmos)
+    for mod in (flux, hunyuan_video, ltx_video, mochi, wan, cogvideox, hidream, lumina_next, lumina2, cosmos,
+                consisid, latte, sd3, qwen_image, chroma, flux2, z_image, longcat_image, hunyuan_video15)
 }
 
 
@@ -77,13 +80,18 @@ def published(preset: str, variant: Optional[str] = None) -> Tuple[float, ...]:
     Benchmarks and docs read them from here instead of restating them."""
     fam = family(preset)
     static = None if callable(fam.default_variant) else fam.default_variant
-    return pick_variant(fam.title, fam.variants, variant, static)[1].coefficients
+    name, v = pick_variant(fam.title, fam.variants, variant, static)
+    if not v.coefficients:
+        raise ValueError(f"{fam.title} variant {name!r} has no published coefficients ({v.note})")
+    return v.coefficients
 
 
 def presets() -> Dict[str, dict]:
     """preset name -> {classes, default variant, variants: {name: {coefficients,
     thresholds, note, source}}}; ``default_variant`` is None when the model
-    must say (``default_rule`` then describes how it is read from the config)."""
+    must say (``default_rule`` then describes how it is read from the config).
+    A variant with empty coefficients carries the structure only (no
+    trustworthy published set: give coefficients= or calibrate)."""
     out = {}
     for name, fam in _FAMILIES.items():
         rule = fam.default_variant

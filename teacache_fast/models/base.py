@@ -155,6 +155,10 @@ class Adapter:
         that ends the span still runs): a further skipped block costs nothing.
         Only for models whose loop bodies do nothing but run the blocks and
         feed the stream (whatever else they compute is dropped on a skip).
+    coefficients, threshold, accumulate, window: the preset's defaults for
+        TeaCacheConfig's coefficients, threshold, accumulate and (start, end)
+        (coefficients None: the family has no trustworthy published set, the
+        user gives one); variant: the preset variant they come from.
     """
     name: str
     blocks: Callable[[nn.Module], Sequence[nn.Module]]
@@ -173,6 +177,8 @@ class Adapter:
     coefficients: Optional[List[float]] = None
     threshold: Optional[float] = None
     variant: Optional[str] = None
+    accumulate: str = "sum"
+    window: Tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self):
         if not isinstance(self.name, str):

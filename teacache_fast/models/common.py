@@ -13,11 +13,14 @@ from torch.nn import functional as F
 
 from .base import BlockCall, Indicator, Modulated
 
-__all__ = ["REFERENCE", "reference", "ada_norm_zero", "rms_scaled", "ada_norm_zero_msa", "rms_scale_msa",
+__all__ = ["REFERENCE", "COMFYUI_TEACACHE", "reference", "ada_norm_zero", "rms_scaled", "ada_norm_zero_msa", "rms_scale_msa",
            "block_argument", "captured_output"]
 
 # The reference implementation the published presets are read from.
 REFERENCE = "ali-vilab/TeaCache@7c10efc4702c6b619f47805f7abe4a7a08085aa0"
+# The ComfyUI node pack whose FLUX.1-Kontext, HiDream-I1 Dev/Fast and
+# Lumina-Image-2.0 sets pass the project's survey (shared/MODELS.md).
+COMFYUI_TEACACHE = "welltop-cn/ComfyUI-TeaCache@a8012e85"
 
 
 def reference(*paths: str) -> str:
@@ -26,20 +29,22 @@ def reference(*paths: str) -> str:
 
 
 def ada_norm_zero(norm1: nn.Module, x: Tensor, temb: Tensor) -> Modulated:
-    """Indicator of an AdaLayerNormZero ``norm1`` (FLUX, HunyuanVideo): the msa
-    shift/scale of ``linear(silu(temb))`` on a LayerNorm without affine."""
+    """Indicator of an AdaLayerNormZero ``norm1`` (FLUX, HunyuanVideo, SD3; SD3.5's
+    SD35AdaLayerNormZeroX): the msa shift/scale (the first two chunks of
+    ``linear(silu(temb))``) on a LayerNorm without affine."""
     act = norm1.silu
     # the functional form of a plain SiLU: no module call on the host path
-    lin, h = norm1.linear, F.silu(temb) if type(act) is nn.SiLU else act(temb)
-    if type(lin) is nn.Linear and lin.out_features % 6 == 0:
-        # Only the first two of the six chunks are needed: a third of the
-        # weight is read (the full linear is ~100 MB for FLUX; the block runs
-        # it again anyway). Quantized or wrapped linears take the full path.
-        rows = 2 * (lin.out_features // 6)
+    h = F.silu(temb) if type(act) is nn.SiLU else act(temb)
+    lin, rows = norm1.linear, 2 * x.shape[-1]
+    if type(lin) is nn.Linear and lin.out_features >= rows:
+        # Only the first two chunks (shift_msa, scale_msa) are needed: a third
+        # of the weight is read (the full linear is ~100 MB for FLUX; the block
+        # runs it again anyway). SD3.5's 9-chunk norm1 starts the same way.
+        # Quantized or wrapped linears take the full path.
         bias = None if lin.bias is None else lin.bias[:rows]
         shift, scale = F.linear(h, lin.weight[:rows], bias).chunk(2, dim=1)
     else:
-        shift, scale = lin(h).chunk(6, dim=1)[:2]
+        shift, scale = lin(h)[:, :rows].chunk(2, dim=1)
     return Modulated(x, scale, shift, norm="layer", eps=float(norm1.norm.eps))
 
 
@@ -63,7 +68,7 @@ def _named(fn: Callable, name: str) -> Callable:
 
 def ada_norm_zero_msa(blocks: str) -> Callable[[BlockCall], Indicator]:
     """``blocks[0].norm1(hidden_states, emb=temb)[0]`` of an AdaLayerNormZero
-    norm1 (FLUX, HunyuanVideo), as a fused Modulated."""
+    norm1 (FLUX, HunyuanVideo, SD3), as a fused Modulated."""
     def indicator(call: BlockCall) -> Indicator:
         norm1 = getattr(call.model, blocks)[0].norm1
         return ada_norm_zero(norm1, call["hidden_states"], call["temb"])

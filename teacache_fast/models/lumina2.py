@@ -10,11 +10,17 @@ cfg_trunc_ratio (uncond calls stop part-way) keeps both branches right; on a
 bare transformer, calls are told apart by order and a change in calls per
 step is seen as a new generation. Forced per branch: first and last step.
 Rotary embeddings are per sample here (batched), so per-sample runs slice them.
+
+``variant="comfyui"``: the alternative Lumina-Image-2.0 set of ComfyUI-TeaCache,
+fitted on the timestep embedding (``temb`` from time_caption_embed, the
+argument every layer receives), per CFG branch; threshold 0.38, steps before
+20% of the schedule compute (-> ~1.7x). The polynomial is negative for
+rel < 0.0068 and rel > 0.325.
 """
 from __future__ import annotations
 
 from .record import Family, Variant
-from .common import reference, rms_scale_msa
+from .common import COMFYUI_TEACACHE, block_argument, reference, rms_scale_msa
 
 _SOURCE = reference("TeaCache4Lumina2/teacache_lumina2.py", "TeaCache4Lumina2/README.md")
 
@@ -28,6 +34,10 @@ FAMILY = Family(
         "v2": Variant((225.7042019806413, -608.8453716535591, 304.1869942338369, 124.21267720116742,
                        -1.4089066892956552), (0.2, 0.3, 0.5, 1.1),
                       "v2: better at low thresholds; 1.5x / 1.6x / 1.8x / 2.1x", _SOURCE),
+        "comfyui": Variant((-8.74643948e+02, 4.66059906e+02, -7.51559762e+01, 5.32836175e+00, -3.27258296e-02),
+                           (0.38,), "Lumina-Image-2.0: threshold 0.38, start 0.2 -> ~1.7x; indicator: "
+                           "the timestep embedding", f"{COMFYUI_TEACACHE} nodes.py",
+                           indicator=block_argument("temb"), start=0.2),
     },
     default_variant="default",
     blocks=("layers",),

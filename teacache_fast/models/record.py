@@ -17,19 +17,25 @@ from torch import nn
 
 from .base import Adapter, BlockCall, Indicator, first_and_last
 
-__all__ = ["Variant", "Family", "pick_variant", "class_names"]
+__all__ = ["Variant", "Family", "pick_variant", "class_names", "structure_only"]
 
 
 @dataclass(frozen=True)
 class Variant:
     """Published numbers of one checkpoint family.
 
-    coefficients: the rescaling polynomial, highest power first.
-    thresholds: the published thresholds; the first is the default.
+    coefficients: the rescaling polynomial, highest power first; empty for a
+        variant with no trustworthy published set (structure only: the user
+        gives coefficients= or calibrates, see :func:`structure_only`).
+    thresholds: the published thresholds; the first is the default (empty
+        with no coefficients).
     source: where the coefficients (and thresholds) were published: a
         repository, file and commit, or a paper.
     indicator / forced: replace the family's for this variant (Wan's "-ret"
         variants read another embedding and force other steps).
+    accumulate: "sum" or "abs", the accumulation the set was published with
+        (TeaCacheConfig.accumulate's default for this variant).
+    start, end: the published window (TeaCacheConfig.start / end defaults).
     """
     coefficients: Tuple[float, ...]
     thresholds: Tuple[float, ...]
@@ -37,12 +43,32 @@ class Variant:
     source: str = ""
     indicator: Optional[Callable[[BlockCall], Indicator]] = None
     forced: Optional[Callable[[int, int], bool]] = None
+    accumulate: str = "sum"
+    start: float = 0.0
+    end: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
-        if not self.thresholds:
+        if not self.coefficients:  # structure only: no trustworthy published set
+            if self.thresholds:
+                raise ValueError("a Variant without coefficients (structure only) has no published "
+                                 "thresholds either")
+        elif not self.thresholds:
             raise ValueError("a Variant needs at least one published threshold (the first is the default)")
+        if self.accumulate not in ("sum", "abs"):
+            raise ValueError(f"Variant.accumulate must be 'sum' or 'abs', got {self.accumulate!r}")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"Variant window must satisfy 0 <= start < end <= 1, got "
+                             f"{self.start}, {self.end}")
+
+
+def structure_only(note: str, source: str = "", **facts) -> Variant:
+    """A variant with the family's structure but no coefficients: no public
+    set passed review (placeholder, borrowed, failed its quality gate, or
+    none exists); ``note`` says which. apply_teacache then asks for
+    coefficients= or coefficients="auto"."""
+    return Variant((), (), note, source, **facts)
 
 
 DefaultVariant = Union[None, str, Callable[[nn.Module], Optional[str]]]
@@ -119,6 +145,9 @@ class Family:
     skip_loops: the model's forward runs ``blocks`` in plain loops whose bodies
         only run the blocks and feed the stream (read in its diffusers source),
         so a skipped call may leave them after block 0 (Adapter.block_lists).
+    expert_variant: the default variant when the model is one of two experts
+        of a pipeline (``transformer`` + ``transformer_2``, Wan2.2 A14B),
+        whose config alone may look like another checkpoint's.
 
     A model of another class with the same layout can use a family through
     ``dataclasses.replace(family, classes=family.classes + ("MyModel",))``.
@@ -141,6 +170,7 @@ class Family:
     forced: Callable[[int, int], bool] = first_and_last
     subset: bool = True
     skip_loops: bool = False
+    expert_variant: Optional[str] = None
 
     def __post_init__(self):
         object.__setattr__(self, "variants", MappingProxyType(dict(self.variants)))
@@ -149,6 +179,9 @@ class Family:
             raise ValueError(f"Family {self.name!r} needs classes, variants and blocks")
         if isinstance(self.default_variant, str) and self.default_variant not in self.variants:
             raise ValueError(f"Family {self.name!r}: default variant {self.default_variant!r} is not one "
+                             f"of {sorted(self.variants)}")
+        if self.expert_variant is not None and self.expert_variant not in self.variants:
+            raise ValueError(f"Family {self.name!r}: expert variant {self.expert_variant!r} is not one "
                              f"of {sorted(self.variants)}")
         if self.returns and self.stream not in self.returns:
             raise ValueError(f"Family {self.name!r}: stream {self.stream!r} is not in returns {self.returns}")
@@ -187,4 +220,6 @@ class Family:
             unbatched=self.unbatched, timestep_arg=self.timestep_arg,
             forced=v.forced or self.forced, subset=self.subset,
             block_lists=_attributes(self.blocks) if self.skip_loops else None,
-            coefficients=list(v.coefficients), threshold=v.thresholds[0])
+            coefficients=list(v.coefficients) if v.coefficients else None,
+            threshold=v.thresholds[0] if v.thresholds else None,
+            accumulate=v.accumulate, window=(v.start, v.end))

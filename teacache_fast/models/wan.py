@@ -7,11 +7,21 @@ the plain time embedding) by default, ``e0`` (output 1, the projected one) in
 the "-ret" variants. Cond and uncond calls are separate branches (they decide
 alike, but their residuals differ). Forced per branch: first and last step;
 "-ret" variants: the first 5 steps, the last not forced.
+
+Wan2.2 (the same class): A14B runs two experts (``transformer`` for the
+high-noise steps, ``transformer_2`` for the low-noise ones), TI2V-5B one
+model with per-token timesteps. No public Wan2.2 set passes review (the
+per-expert ones failed their own project's quality gate; Wan2.1 sets do not
+transfer), so their variants carry the structure only: give
+``coefficients=`` (one set per expert: ``coefficients={"transformer": [...],
+"transformer_2": [...]}``) or ``coefficients="auto"``. A pipeline with
+``transformer_2`` picks "2.2-a14b" for both experts; a lone A14B T2V expert's
+config is Wan2.1 14B's, so name the variant there.
 """
 from __future__ import annotations
 
 from .base import first_n
-from .record import Family, Variant
+from .record import Family, Variant, structure_only
 from .common import captured_output, reference
 
 RET_STEPS = 5
@@ -29,12 +39,25 @@ def _ret(coefficients, thresholds) -> Variant:
                    indicator=_E0, forced=first_n(RET_STEPS))
 
 
+_WAN22 = ("Wan2.2 {}: no trustworthy published set (the per-expert sets in circulation failed "
+          "their project's quality gate; Wan2.1 sets do not transfer): give coefficients= or "
+          "coefficients='auto'")
+
+
 def _default_variant(model):
     """T2V by size (1.3B: 12 heads x 128 over 30 layers; 14B: 40 x 128 over
-    40); I2V (image_dim set) cannot tell 480p from 720p: ask."""
+    40); I2V (image_dim set) cannot tell 480p from 720p: ask. Wan2.2: TI2V-5B
+    by its 48 latent channels, A14B I2V by 36 input channels with no image
+    embedding; an A14B expert in a two-expert pipeline by the pipeline."""
     cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "image_dim", None) is not None:
+    if cfg is None:
         return None
+    if getattr(cfg, "in_channels", None) == 48:
+        return "2.2-ti2v-5b"
+    if getattr(cfg, "image_dim", None) is not None:
+        return None
+    if getattr(cfg, "in_channels", None) == 36:
+        return "2.2-a14b"
     dims = (getattr(cfg, "num_attention_heads", 0) * getattr(cfg, "attention_head_dim", 0),
             getattr(cfg, "num_layers", 0))
     return {(1536, 30): "t2v-1.3b", (5120, 40): "t2v-14b"}.get(dims)
@@ -58,8 +81,11 @@ FAMILY = Family(
                              (0.20, 0.30)),
         "i2v-720p-ret": _ret((8.10705460e+03, 2.13393892e+03, -3.72934672e+02, 1.66203073e+01, -4.17769401e-02),
                              (0.20, 0.30)),
+        "2.2-a14b": structure_only(_WAN22.format("A14B (two experts)")),
+        "2.2-ti2v-5b": structure_only(_WAN22.format("TI2V-5B")),
     },
     default_variant=_default_variant,
+    expert_variant="2.2-a14b",
     blocks=("blocks",),
     skip_loops=True,
     indicator=_E,

@@ -184,7 +184,7 @@ class DeviceRunner:
         compute, partials = decide_with_partials(
             x, br.prev, br.state, cfg.coefficients, cfg.threshold, force=forced,
             max_consecutive_skips=cfg.max_consecutive_skips, process_group=self.process_group,
-            step=step, **how)
+            step=step, accumulate_abs=cfg.accumulate == "abs", **how)
         br.record(step, compute, partials)
         br.compute, br.stream_in = compute, stream
 
@@ -208,7 +208,7 @@ class DeviceRunner:
         self._warn_if_two_calls_per_step()
         branches, calls, wraps = {}, 0, 0
         for index, br in enumerate(self.branches):
-            b = br.stats(self.config.coefficients)
+            b = br.stats(self.config.coefficients, self.config.accumulate == "abs")
             calls += b.pop("calls")
             wraps = max(wraps, b.pop("wraps"))
             if b["steps"]:
