@@ -11,7 +11,6 @@ sizes, work per program and warps as arguments, so they stay self-contained.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +29,23 @@ from teacache_fast.kernels import residual as _residual
 _GPU_MAX_BLOCK = 4096
 _CPU_MAX_ROW_BLOCK = 1024
 _CPU_MAX_FLAT_BLOCK = 4096
-# GPU: programs wanted per SM (several resident programs hide memory latency);
-# each program handles at most this many elements, so work still spreads out.
-_PROGRAMS_PER_SM = 8
+# Row kernels hold a row of up to this many lanes in registers (one DRAM pass
+# per row, ~8 fp32 values per thread and input); wider rows loop over blocks.
+_GPU_MAX_ROW_TILE = 8192
+_CPU_MAX_ROW_TILE = 2048
+_ELEMS_PER_THREAD = 8
+# The partition of every reduction is a function of the shape only, never of
+# the GPU (the same bits on an A100, an H200 or a MIG slice): a grid of about
+# _REFERENCE_SMS x (programs resident per SM) programs, one full wave on a
+# 132-SM H100/H200; each program handles at most _MAX_ELEMS_PER_PROGRAM
+# elements, so long inputs get more programs.
+_REFERENCE_SMS = 132
 _MAX_ELEMS_PER_PROGRAM = 1 << 16
+# Resident programs per SM by warps per program, as compiled for sm_90: 2048
+# threads per SM over 32 * num_warps threads, unless registers allow fewer.
+# tools/kernel_report.py measures them (benchmarks/results/kernels-sm90.md) and
+# tests/test_kernel_report.py fails when a compiled kernel fits fewer.
+_RESIDENT = {1: 16, 2: 16, 4: 16, 8: 8, 16: 4}
 # CPU (interpreter): rows or tiles per program, to keep grids small.
 _CPU_PER_PROGRAM = 4
 
@@ -43,11 +55,18 @@ class LaunchConfig:
     block: int        # BLOCK_C (row kernels) or BLOCK (flat kernels): elements per vector op
     per_program: int  # rows (row kernels) or tiles of `block` (flat kernels) per program
     num_warps: int
+    tail: int | None = None  # row kernels: second register tile (0: none); None: blocked path
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def resident_programs(num_warps: int) -> int:
+    """Programs per SM the grids assume for a kernel launched with num_warps."""
+    return _RESIDENT[num_warps]
+
+
+def _per_program(width: int, units: int, num_warps: int) -> int:
+    """Units of `width` elements per program: a fixed split of `units`, device-free."""
+    target = _REFERENCE_SMS * resident_programs(num_warps)
+    return max(1, min(units // target, _MAX_ELEMS_PER_PROGRAM // width))
 
 
 def launch_config(width: int, rows: int, groups: int, device: torch.device, *,
@@ -56,17 +75,44 @@ def launch_config(width: int, rows: int, groups: int, device: torch.device, *,
 
     A program works on ``per_program`` units of one group, ``block`` elements
     at a time (looping when width > block). The result is a pure function of
-    the shape and the device, so the reduction order, and hence the bits, is
-    the same on every call.
+    the shape and the device type (not the GPU model or its SM count), so the
+    reduction order, and hence the bits, is the same on every call and GPU.
     """
     if device.type != "cuda":
         return LaunchConfig(min(triton.next_power_of_2(width), cpu_max_block), _CPU_PER_PROGRAM, 1)
     block = min(triton.next_power_of_2(width), _GPU_MAX_BLOCK)
     num_warps = max(1, min(16, block // 256))
-    target = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else
-                                          torch.cuda.current_device())
-    per_program = max(1, min((groups * rows) // target, _MAX_ELEMS_PER_PROGRAM // width))
-    return LaunchConfig(block, per_program, num_warps)
+    return LaunchConfig(block, _per_program(width, groups * rows, num_warps), num_warps)
+
+
+def _row_tiles(C: int, max_tile: int) -> tuple[int, int] | None:
+    """(first tile, second tile) covering C lanes, powers of two (the second may
+    be 0), or None when C is wider than max_tile. C = 3072 -> 2048 + 1024: no
+    lane masked, where one 4096 tile would mask a quarter."""
+    full = triton.next_power_of_2(C)
+    if full > max_tile and C > max_tile:
+        return None
+    if full == C or C <= 32:
+        return full, 0
+    half = full // 2
+    tail = triton.next_power_of_2(C - half)
+    return (half, tail) if tail < half else (full, 0)
+
+
+def row_config(C: int, rows: int, groups: int, device: torch.device) -> LaunchConfig:
+    """launch_config for the row kernels (modulate, modulated_rel_l1_): a row
+    that fits is held in registers (tail is not None), else the blocked path."""
+    gpu = device.type == "cuda"
+    tiles = _row_tiles(C, _GPU_MAX_ROW_TILE if gpu else _CPU_MAX_ROW_TILE)
+    if tiles is None:
+        cfg = launch_config(C, rows, groups, device)
+        return LaunchConfig(cfg.block, cfg.per_program, cfg.num_warps, None)
+    block, tail = tiles
+    if not gpu:
+        return LaunchConfig(block, _CPU_PER_PROGRAM, 1, tail)
+    warps = max(1, (block + tail) // _ELEMS_PER_THREAD // 32)
+    num_warps = min(16, 1 << (warps.bit_length() - 1))  # a power of two, rounded down
+    return LaunchConfig(block, _per_program(C, groups * rows, num_warps), num_warps, tail)
 
 
 def flat_config(length: int, groups: int, device: torch.device) -> LaunchConfig:
@@ -94,10 +140,10 @@ def _finish(partials: torch.Tensor, per_sample: bool) -> torch.Tensor:
 
 def modulate(x, scale, shift, norm: str, eps: float) -> torch.Tensor:
     B, R, C = x.shape
-    cfg = launch_config(C, R, B, x.device)
+    cfg = row_config(C, R, B, x.device)
     out = torch.empty_like(x)
     with _on(x.device):
-        _modulate.modulate(x, scale, shift, out, norm, eps, block_c=cfg.block,
+        _modulate.modulate(x, scale, shift, out, norm, eps, block_c=cfg.block, tail=cfg.tail,
                            rows_per_program=cfg.per_program, num_warps=cfg.num_warps)
     return out
 
@@ -114,10 +160,10 @@ def rel_l1_partials(cur, prev, per_sample: bool) -> torch.Tensor:
 
 def modulated_rel_l1_(x, scale, shift, prev, norm: str, eps: float, per_sample: bool) -> torch.Tensor:
     B, R, C = x.shape
-    cfg = launch_config(C, R, B, x.device)
+    cfg = row_config(C, R, B, x.device)
     with _on(x.device):
         partials = _modulate.modulated_rel_l1_(x, scale, shift, prev, norm, eps, block_c=cfg.block,
-                                               rows_per_program=cfg.per_program,
+                                               tail=cfg.tail, rows_per_program=cfg.per_program,
                                                num_warps=cfg.num_warps)
         return _finish(partials, per_sample)
 
