@@ -288,8 +288,11 @@ def test_decide_launcher_rejects_too_many_coefficients():
                                                (64, 10**6, 1), (20000, 3, 1)])
 def test_gpu_launch_config_bounds(width, rows, groups):
     # Pure arithmetic, for a pretend GPU: no SM count enters it.
-    for cfg in (tb.launch_config(width, rows, groups, torch.device("cuda", 0)),
-                tb.row_config(width, rows, groups, torch.device("cuda", 0))):
+    gpu = torch.device("cuda", 0)
+    for kernel, cfg in (("_rel_l1_partials_kernel", tb.launch_config(
+                            width, rows, groups, gpu, kernel="_rel_l1_partials_kernel", itemsize=2)),
+                        ("_modulated_rel_l1_kernel", tb.row_config(
+                            width, rows, groups, gpu, kernel="_modulated_rel_l1_kernel", itemsize=2))):
         assert cfg.block & (cfg.block - 1) == 0 and cfg.block <= 8192
         if cfg.tail is None:
             assert cfg.block >= min(width, 4096)
@@ -300,7 +303,7 @@ def test_gpu_launch_config_bounds(width, rows, groups):
         assert cfg.per_program == 1 or cfg.per_program * width <= 1 << 16
         programs = groups * -(-rows // cfg.per_program)
         # a full wave on a 132-SM GPU when there is work
-        assert programs >= min(groups * rows, 132 * tb.resident_programs(cfg.num_warps))
+        assert programs >= min(groups * rows, 132 * tb.resident_programs(kernel, cfg.num_warps, 2))
 
 
 @pytest.mark.parametrize("C,tiles", [(3072, (2048, 1024)), (5120, (4096, 1024)), (4096, (4096, 0)),
@@ -324,7 +327,7 @@ def test_same_bits_for_two_sm_counts(monkeypatch, op):
     gpu = torch.device("cuda", 0)
     launch, row = tb.launch_config, tb.row_config
     monkeypatch.setattr(tb, "launch_config", lambda w, r, g, device, **kw: launch(w, r, g, gpu, **kw))
-    monkeypatch.setattr(tb, "row_config", lambda C, r, g, device: row(C, r, g, gpu))
+    monkeypatch.setattr(tb, "row_config", lambda C, r, g, device, **kw: row(C, r, g, gpu, **kw))
     monkeypatch.setattr(tb, "_REFERENCE_SMS", 2)  # keep the interpreter's grid small
     x = _rand((1, 48, 96), seed=40, offset=0.3)
     results = []

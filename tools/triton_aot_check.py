@@ -54,7 +54,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WIDTHS = (1, 3000, 3072, 5120, 16384)
 TOKENS = 4096
 BATCH = 2
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg")
 
 
 @dataclass
@@ -107,8 +107,8 @@ def recording(arch: int):
     gpu = torch.device("cuda", 0)
     orig_launch, orig_flat, orig_row = tb.launch_config, tb.flat_config, tb.row_config
     tb.launch_config = lambda w, r, g, device, **kw: orig_launch(w, r, g, gpu, **kw)
-    tb.row_config = lambda C, r, g, device: orig_row(C, r, g, gpu)
-    tb.flat_config = lambda length, groups, device: orig_flat(length, groups, gpu)
+    tb.row_config = lambda C, r, g, device, **kw: orig_row(C, r, g, gpu, **kw)
+    tb.flat_config = lambda length, groups, device, **kw: orig_flat(length, groups, gpu, **kw)
     try:
         yield sink
     finally:

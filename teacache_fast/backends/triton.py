@@ -41,11 +41,23 @@ _ELEMS_PER_THREAD = 8
 # elements, so long inputs get more programs.
 _REFERENCE_SMS = 132
 _MAX_ELEMS_PER_PROGRAM = 1 << 16
-# Resident programs per SM by warps per program, as compiled for sm_90: 2048
-# threads per SM over 32 * num_warps threads, unless registers allow fewer.
-# tools/kernel_report.py measures them (benchmarks/results/kernels-sm90.md) and
-# tests/test_kernel_report.py fails when a compiled kernel fits fewer.
-_RESIDENT = {1: 16, 2: 16, 4: 16, 8: 8, 16: 4}
+# Resident programs per SM of a kernel launched with num_warps, as compiled for
+# sm_90: 2048 threads per SM over 32 * num_warps (at most 32 programs), unless
+# its registers allow fewer: those are listed by (kernel, num_warps, itemsize of
+# the main input), with the registers ptxas gives them at the benchmark shapes
+# (FLUX C=3072, Wan C=5120). tools/kernel_report.py measures them
+# (benchmarks/results/kernels-sm90.md); tests/test_kernel_report.py fails when
+# a compiled kernel fits a different number than its grid assumes. The row
+# kernel holds x, prev, 1 + scale and shift of its row in registers (~100 per
+# thread, no spills): 2 programs of 256 threads (C=3072), 1 of 512 (C=5120);
+# capping the registers (maxnreg 64-80) spills, so the grid assumes what fits.
+_RESIDENT_BY_REGISTERS: dict[tuple[str, int, int], int] = {
+    ("_modulate_kernel", 8, 2): 4, ("_modulate_kernel", 8, 4): 4,       # 62-64 registers
+    ("_modulate_kernel", 16, 2): 2,                                     # 57
+    ("_modulated_rel_l1_kernel", 8, 2): 2, ("_modulated_rel_l1_kernel", 8, 4): 2,  # 99-104
+    ("_modulated_rel_l1_kernel", 16, 2): 1,                             # 93
+    ("_rel_l1_partials_kernel", 16, 4): 3,                              # 39
+}
 # CPU (interpreter): rows or tiles per program, to keep grids small.
 _CPU_PER_PROGRAM = 4
 
@@ -58,18 +70,20 @@ class LaunchConfig:
     tail: int | None = None  # row kernels: second register tile (0: none); None: blocked path
 
 
-def resident_programs(num_warps: int) -> int:
-    """Programs per SM the grids assume for a kernel launched with num_warps."""
-    return _RESIDENT[num_warps]
+def resident_programs(kernel: str, num_warps: int, itemsize: int) -> int:
+    """Programs per SM the grid of ``kernel`` assumes (itemsize: of its main input)."""
+    return _RESIDENT_BY_REGISTERS.get((kernel, num_warps, itemsize),
+                                      min(32, 2048 // (32 * num_warps)))
 
 
-def _per_program(width: int, units: int, num_warps: int) -> int:
+def _per_program(width: int, units: int, num_warps: int, kernel: str, itemsize: int) -> int:
     """Units of `width` elements per program: a fixed split of `units`, device-free."""
-    target = _REFERENCE_SMS * resident_programs(num_warps)
+    target = _REFERENCE_SMS * resident_programs(kernel, num_warps, itemsize)
     return max(1, min(units // target, _MAX_ELEMS_PER_PROGRAM // width))
 
 
 def launch_config(width: int, rows: int, groups: int, device: torch.device, *,
+                  kernel: str = "", itemsize: int = 4,
                   cpu_max_block: int = _CPU_MAX_ROW_BLOCK) -> LaunchConfig:
     """Launch parameters for ``groups`` x ``rows`` units of ``width`` elements.
 
@@ -77,12 +91,15 @@ def launch_config(width: int, rows: int, groups: int, device: torch.device, *,
     at a time (looping when width > block). The result is a pure function of
     the shape and the device type (not the GPU model or its SM count), so the
     reduction order, and hence the bits, is the same on every call and GPU.
+    kernel, itemsize: which kernel (and main dtype size) the grid is for, to
+    look up its residency.
     """
     if device.type != "cuda":
         return LaunchConfig(min(triton.next_power_of_2(width), cpu_max_block), _CPU_PER_PROGRAM, 1)
     block = min(triton.next_power_of_2(width), _GPU_MAX_BLOCK)
     num_warps = max(1, min(16, block // 256))
-    return LaunchConfig(block, _per_program(width, groups * rows, num_warps), num_warps)
+    return LaunchConfig(block, _per_program(width, groups * rows, num_warps, kernel, itemsize),
+                        num_warps)
 
 
 def _row_tiles(C: int, max_tile: int) -> tuple[int, int] | None:
@@ -99,28 +116,31 @@ def _row_tiles(C: int, max_tile: int) -> tuple[int, int] | None:
     return (half, tail) if tail < half else (full, 0)
 
 
-def row_config(C: int, rows: int, groups: int, device: torch.device) -> LaunchConfig:
+def row_config(C: int, rows: int, groups: int, device: torch.device, *, kernel: str = "",
+               itemsize: int = 4) -> LaunchConfig:
     """launch_config for the row kernels (modulate, modulated_rel_l1_): a row
     that fits is held in registers (tail is not None), else the blocked path."""
     gpu = device.type == "cuda"
     tiles = _row_tiles(C, _GPU_MAX_ROW_TILE if gpu else _CPU_MAX_ROW_TILE)
     if tiles is None:
-        cfg = launch_config(C, rows, groups, device)
+        cfg = launch_config(C, rows, groups, device, kernel=kernel, itemsize=itemsize)
         return LaunchConfig(cfg.block, cfg.per_program, cfg.num_warps, None)
     block, tail = tiles
     if not gpu:
         return LaunchConfig(block, _CPU_PER_PROGRAM, 1, tail)
     warps = max(1, (block + tail) // _ELEMS_PER_THREAD // 32)
     num_warps = min(16, 1 << (warps.bit_length() - 1))  # a power of two, rounded down
-    return LaunchConfig(block, _per_program(C, groups * rows, num_warps), num_warps, tail)
+    return LaunchConfig(block, _per_program(C, groups * rows, num_warps, kernel, itemsize),
+                        num_warps, tail)
 
 
-def flat_config(length: int, groups: int, device: torch.device) -> LaunchConfig:
+def flat_config(length: int, groups: int, device: torch.device, *, kernel: str = "",
+                itemsize: int = 4) -> LaunchConfig:
     """launch_config for ``groups`` flat runs of ``length`` elements, cut into tiles."""
     tile = min(triton.next_power_of_2(length),
                _GPU_MAX_BLOCK if device.type == "cuda" else _CPU_MAX_FLAT_BLOCK)
-    return launch_config(tile, triton.cdiv(length, tile), groups, device,
-                         cpu_max_block=_CPU_MAX_FLAT_BLOCK)
+    return launch_config(tile, triton.cdiv(length, tile), groups, device, kernel=kernel,
+                         itemsize=itemsize, cpu_max_block=_CPU_MAX_FLAT_BLOCK)
 
 
 def _on(device: torch.device):
@@ -140,7 +160,7 @@ def _finish(partials: torch.Tensor, per_sample: bool) -> torch.Tensor:
 
 def modulate(x, scale, shift, norm: str, eps: float) -> torch.Tensor:
     B, R, C = x.shape
-    cfg = row_config(C, R, B, x.device)
+    cfg = row_config(C, R, B, x.device, kernel="_modulate_kernel", itemsize=x.element_size())
     out = torch.empty_like(x)
     with _on(x.device):
         _modulate.modulate(x, scale, shift, out, norm, eps, block_c=cfg.block, tail=cfg.tail,
@@ -150,7 +170,7 @@ def modulate(x, scale, shift, norm: str, eps: float) -> torch.Tensor:
 
 def rel_l1_partials(cur, prev, per_sample: bool) -> torch.Tensor:
     G, L = cur.shape
-    cfg = flat_config(L, G, cur.device)
+    cfg = flat_config(L, G, cur.device, kernel="_rel_l1_partials_kernel", itemsize=cur.element_size())
     with _on(cur.device):
         partials = _rel_l1.rel_l1_partials(cur, prev, block=cfg.block,
                                            tiles_per_program=cfg.per_program,
@@ -160,7 +180,8 @@ def rel_l1_partials(cur, prev, per_sample: bool) -> torch.Tensor:
 
 def modulated_rel_l1_(x, scale, shift, prev, norm: str, eps: float, per_sample: bool) -> torch.Tensor:
     B, R, C = x.shape
-    cfg = row_config(C, R, B, x.device)
+    cfg = row_config(C, R, B, x.device, kernel="_modulated_rel_l1_kernel",
+                     itemsize=x.element_size())
     with _on(x.device):
         partials = _modulate.modulated_rel_l1_(x, scale, shift, prev, norm, eps, block_c=cfg.block,
                                                tail=cfg.tail, rows_per_program=cfg.per_program,
@@ -177,7 +198,8 @@ def teacache_decide_(partials, state, coefficients, threshold: float, force, max
 
 
 def residual_capture_(out, inp, residual) -> None:
-    cfg = flat_config(out.numel(), 1, out.device)
+    cfg = flat_config(out.numel(), 1, out.device, kernel="_residual_capture_kernel",
+                      itemsize=out.element_size())
     with _on(out.device):
         _residual.residual_capture_(out, inp, residual, block=cfg.block,
                                     tiles_per_program=cfg.per_program, num_warps=cfg.num_warps)
@@ -185,7 +207,8 @@ def residual_capture_(out, inp, residual) -> None:
 
 def residual_apply_(hidden, residual, mask) -> None:
     B, L = hidden.shape
-    cfg = flat_config(L, B, hidden.device)
+    cfg = flat_config(L, B, hidden.device, kernel="_residual_apply_kernel",
+                      itemsize=hidden.element_size())
     with _on(hidden.device):
         _residual.residual_apply_(hidden, residual, mask, block=cfg.block,
                                   tiles_per_program=cfg.per_program, num_warps=cfg.num_warps)
