@@ -246,7 +246,9 @@ def test_decide_matches_torch_bitwise(coefficients):
     state0 = torch.stack((torch.linspace(-0.5, 0.9, 10), torch.arange(10.0) % 4), dim=1).to(DEV)
     force = torch.zeros(10, dtype=torch.bool, device=DEV)
     force[8] = True
-    for threshold in (0.0, 0.3, 1.0):
+    # 1e-50 rounds to 0 in fp32: "threshold <= 0" is decided on the double in
+    # every backend, the comparison with acc on the fp32 threshold.
+    for threshold in (0.0, 1e-50, 0.3, 1.0):
         for max_skips in (None, 0, 2):
             (f_tr, s_tr), (f_to, s_to) = _decide_both(partials, coefficients, threshold, force,
                                                       max_skips, state0)
@@ -272,6 +274,25 @@ def test_decide_hand_worked_degree4_sequence():
                     (True, 0.0, 0.0),          # 0.4282 < 0.5, but one skip is the limit
                     (False, 0.111131, 1.0),    # skip
                     (True, 0.0, 0.0)]          # 0.5347 >= 0.5: compute
+
+
+@pytest.mark.parametrize("threshold,never_skip", [(0.0, 1), (-1.0, 1), (1e-50, 0), (0.3, 0)])
+def test_decide_never_skip_is_decided_on_the_double(monkeypatch, threshold, never_skip):
+    # On a GPU the kernel receives the threshold as fp32, where 1e-50 is 0; the
+    # interpreter keeps the double, so the flag the launcher passes is checked
+    # here: positive thresholds allow skips in every backend (torch and CUDA
+    # test "threshold <= 0" on the double too).
+    launches = []
+
+    class _Record:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(args)
+    monkeypatch.setattr(kdecide, "_decide_kernel", _Record())
+    p = torch.zeros((1, 2), device=DEV)
+    kdecide.teacache_decide_(p, p.clone(), [1.0], threshold, torch.zeros(1, dtype=torch.bool, device=DEV),
+                             -1, block=1, num_warps=1)
+    (args,) = launches
+    assert args[5] == float(threshold) and args[6] == never_skip
 
 
 def test_decide_launcher_rejects_too_many_coefficients():
