@@ -195,6 +195,26 @@ def _rel_l1_tile(m, p, cols, C, prev_row):
 
 
 @triton.jit
+def _rel_l1_row_blocked(x_row, prev_row, scale_row, shift_row, C, eps, acc_diff, acc_prev,
+                        NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """One row too wide for registers, BLOCK_C columns at a time: the statistics
+    pass(es), then m compared with prev and stored; returns the lane sums."""
+    mean, rstd = 0.0, 1.0
+    if NORM != 0:
+        mean, rstd = _row_stats(x_row, C, eps, NORM, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        s1p, t = _params_tile(scale_row, shift_row, cols, C, HAS_SCALE, HAS_SHIFT)
+        m = _modulated(_load_f32(x_row, cols, C), mean, rstd, s1p, t, NORM, HAS_SCALE, HAS_SHIFT)
+        p = _load_f32(prev_row, cols, C)
+        d, q = _rel_l1_tile(_round_to(m, prev_row.dtype.element_ty), p, cols, C, prev_row)
+        acc_diff += d
+        acc_prev += q
+    return acc_diff, acc_prev
+
+
+@triton.jit
 def _modulated_rel_l1_kernel(x_ptr, scale_ptr, shift_ptr, prev_ptr, part_ptr, R, C,
                              scale_bstride, shift_bstride, eps, rows_per_program,
                              NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -220,8 +240,8 @@ def _modulated_rel_l1_kernel(x_ptr, scale_ptr, shift_ptr, prev_ptr, part_ptr, R,
         r = first + i
         if r < R:
             offset = (b * R + r) * C
-            mean, rstd = 0.0, 1.0
             if SINGLE:
+                mean, rstd = 0.0, 1.0
                 # Every load of the row first (x and prev, both tiles), then the
                 # statistics from registers: one DRAM round trip per row.
                 xa, xb = _load_f32(x_ptr + offset, cols_a, C), 0.0
@@ -243,17 +263,9 @@ def _modulated_rel_l1_kernel(x_ptr, scale_ptr, shift_ptr, prev_ptr, part_ptr, R,
                     tail_diff += d
                     tail_prev += q
             else:
-                if NORM != 0:
-                    mean, rstd = _row_stats(x_ptr + offset, C, eps, NORM, BLOCK_C)
-                for c0 in range(0, C, BLOCK_C):
-                    cols = c0 + cols_a
-                    s1p, t = _params_tile(scale_row, shift_row, cols, C, HAS_SCALE, HAS_SHIFT)
-                    m = _modulated(_load_f32(x_ptr + offset, cols, C), mean, rstd, s1p, t,
-                                   NORM, HAS_SCALE, HAS_SHIFT)
-                    p = _load_f32(prev_ptr + offset, cols, C)
-                    d, q = _rel_l1_tile(_round_to(m, dtype), p, cols, C, prev_ptr + offset)
-                    acc_diff += d
-                    acc_prev += q
+                acc_diff, acc_prev = _rel_l1_row_blocked(x_ptr + offset, prev_ptr + offset, scale_row,
+                                                         shift_row, C, eps, acc_diff, acc_prev,
+                                                         NORM, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     sum_diff = tl.sum(acc_diff, axis=0)
     sum_prev = tl.sum(acc_prev, axis=0)
     if SINGLE:
