@@ -32,7 +32,7 @@ def _finite(v):
 
 
 @triton.jit
-def _decide_kernel(part_ptr, state_ptr, force_ptr, flags_ptr, S, threshold, max_skips,
+def _decide_kernel(part_ptr, state_ptr, force_ptr, flags_ptr, S, threshold, never_skip, max_skips,
                    c0, c1, c2, c3, c4, c5, c6, c7, c8, ACC_ABS: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < S
@@ -64,7 +64,7 @@ def _decide_kernel(part_ptr, state_ptr, force_ptr, flags_ptr, S, threshold, max_
     new_acc = acc + p
 
     compute = force | (~valid) | (~_finite(new_acc)) | (new_acc >= threshold)
-    compute = compute | (threshold <= 0.0)  # threshold 0 never skips, whatever poly's sign
+    compute = compute | (never_skip != 0)  # threshold <= 0 never skips, whatever poly's sign
     compute = compute | ((max_skips >= 0.0) & (skips >= max_skips))
     # a corrupt skip counter (NaN, inf, negative) cannot be trusted: compute (and reset it)
     compute = compute | ~((skips >= 0.0) & _finite(skips))
@@ -87,6 +87,9 @@ def teacache_decide_(partials, state, coefficients, threshold, force, max_skips,
     S = partials.shape[0]
     flags = torch.empty((S,), dtype=torch.bool, device=partials.device)
     _decide_kernel[(triton.cdiv(S, block),)](
-        partials, state, force.view(torch.uint8), flags.view(torch.uint8), S, float(threshold), float(max_skips), *coeffs,
+        partials, state, force.view(torch.uint8), flags.view(torch.uint8), S, float(threshold),
+        # "threshold <= 0" on the double, as torch and CUDA test it (a positive threshold
+        # below fp32's range rounds to 0 in the kernel, yet it still allows skips)
+        int(float(threshold) <= 0.0), float(max_skips), *coeffs,
         ACC_ABS=bool(accumulate_abs), BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)
     return flags

@@ -13,12 +13,24 @@
                        at its program id; adding them (in a fixed order) is the
                        caller's second stage (see rel_l1.sum_partials).
 
-Numerics: fp32 arithmetic. LayerNorm statistics are an exact two-pass over the
-row (mean, then the mean of centred squares), like ``torch.nn.functional.
-layer_norm``; the row is re-read for each pass (from L1/L2 for rows of a few
-thousand channels). Reduction order is fixed by the launch configuration: within
-a program, lane-wise fp32 accumulators over its rows and column blocks, then a
-tree sum over lanes, so the same input and config give the same bits.
+Two paths, chosen by the launcher (constexpr SINGLE):
+- the row in registers (rows of up to a few thousand channels): two tiles of
+  power-of-two widths, [0, BLOCK_C) and [BLOCK_C, BLOCK_C + TAIL) (C = 3072 is
+  2048 + 1024: no lane masked), every load of x and prev for the row issued
+  before the first reduction, scale/shift loaded once per program; the
+  statistics come from registers: one DRAM round trip per row;
+- blocked, for wider rows: BLOCK_C columns at a time, the row re-read for each
+  statistics pass (from L1/L2), then once more for the output.
+
+Numerics: fp32 arithmetic, launched with fp fusion off (no FMA contraction) and
+correctly rounded division and square root (div.rn, sqrt.rn: rstd is
+1 / sqrt(var + eps), like torch's rsqrt on CPU and the CUDA backend), so every
+op rounds as the torch backend's does; only the order of the sums differs.
+LayerNorm statistics are an exact two-pass over the row (mean, then the mean
+of centred squares), like ``torch.nn.functional.layer_norm``. Reduction order
+is fixed by the launch configuration: within a program, lane-wise fp32
+accumulators over its rows (and column blocks), then a tree sum over lanes,
+so the same input and config give the same bits.
 
 Grid: (B, ceil(R / rows_per_program)); a program never straddles two samples,
 so per-sample partials are sums over axis 1 of the (B, programs, 2) output.
@@ -46,105 +58,223 @@ def _round_to(v, dtype: tl.constexpr):
 
 
 @triton.jit
+def _load_f32(ptr, cols, C):
+    """fp32 values at cols (0 past C); bf16 is widened right after the load."""
+    return tl.load(ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _checked_rstd(sum_sq, C, eps):
+    """1 / sqrt(sum_sq / C + eps), each op correctly rounded (as torch and CUDA do).
+
+    rstd is > 0 for every finite variance; 0 means the sum of squares overflowed
+    (|x| >~ 1.8e19 in fp32), NaN a NaN input. Then m would be 0 (or shift) and the
+    indicator would read "no change": make it NaN instead, so the step computes.
+    """
+    var = tl.math.div_rn(sum_sq, tl.cast(C, tl.float32))
+    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    return tl.where(rstd > 0.0, rstd, float("nan"))
+
+
+@triton.jit
 def _row_stats(x_row, C, eps, NORM: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(mean, rstd) of one row in fp32; mean is 0 for RMSNorm."""
+    """(mean, rstd) of one row in fp32, looping over column blocks (rows too wide
+    for one tile); mean is 0 for RMSNorm."""
     cols = tl.arange(0, BLOCK_C)
     mean = 0.0
     if NORM == 1:
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            acc += tl.load(x_row + c0 + cols, mask=c0 + cols < C, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / C
+            acc += _load_f32(x_row, c0 + cols, C)
+        mean = tl.math.div_rn(tl.sum(acc, axis=0), tl.cast(C, tl.float32))
     acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cmask = c0 + cols < C
-        v = tl.load(x_row + c0 + cols, mask=cmask, other=0.0).to(tl.float32)
-        d = tl.where(cmask, v - mean, 0.0)
+        d = tl.where(c0 + cols < C, _load_f32(x_row, c0 + cols, C) - mean, 0.0)
         acc2 += d * d
-    rstd = tl.rsqrt(tl.sum(acc2, axis=0) / C + eps)
-    # rstd is > 0 for every finite variance; 0 means the sum of squares overflowed
-    # (|x| >~ 1.8e19 in fp32), NaN a NaN input. Then m would be 0 (or shift) and the
-    # indicator would read "no change": make it NaN instead, so the step computes.
-    rstd = tl.where(rstd > 0.0, rstd, float("nan"))
-    return mean, rstd
+    return mean, _checked_rstd(tl.sum(acc2, axis=0), C, eps)
 
 
 @triton.jit
-def _modulated_block(x_row, scale_row, shift_row, c0, C, mean, rstd,
-                     NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-    """fp32 m for columns [c0, c0 + BLOCK_C) of one row (garbage past C: mask on store)."""
-    cols = c0 + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    m = tl.load(x_row + cols, mask=cmask, other=0.0).to(tl.float32)
+def _tile_stats(xa, xb, cols_a, cols_b, C, eps, NORM: tl.constexpr, TAIL: tl.constexpr):
+    """(mean, rstd) of a row held in registers as tile a (+ tile b when TAIL > 0):
+    the exact two-pass statistics, with no second read of memory."""
+    mean = 0.0
+    if NORM == 1:
+        total = tl.sum(xa, axis=0)
+        if TAIL > 0:
+            total += tl.sum(xb, axis=0)
+        mean = tl.math.div_rn(total, tl.cast(C, tl.float32))
+    da = tl.where(cols_a < C, xa - mean, 0.0)
+    sum_sq = tl.sum(da * da, axis=0)
+    if TAIL > 0:
+        db = tl.where(cols_b < C, xb - mean, 0.0)
+        sum_sq += tl.sum(db * db, axis=0)
+    return mean, _checked_rstd(sum_sq, C, eps)
+
+
+@triton.jit
+def _modulated(v, mean, rstd, s1p, t, NORM: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_SHIFT: tl.constexpr):
+    """fp32 m = norm(v) * (1 + scale) + shift, one rounding per op (no FMA)."""
+    m = v
     if NORM == 1:
         m = (m - mean) * rstd
     if NORM == 2:
         m = m * rstd
     if HAS_SCALE:
-        m = m * (1.0 + tl.load(scale_row + cols, mask=cmask, other=0.0).to(tl.float32))
+        m = m * s1p
     if HAS_SHIFT:
-        m = m + tl.load(shift_row + cols, mask=cmask, other=0.0).to(tl.float32)
+        m = m + t
     return m
+
+
+@triton.jit
+def _params_tile(scale_row, shift_row, cols, C, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """(1 + scale, shift) of one tile of columns, fp32 (0 where absent)."""
+    s1p = 0.0
+    t = 0.0
+    if HAS_SCALE:
+        s1p = 1.0 + _load_f32(scale_row, cols, C)
+    if HAS_SHIFT:
+        t = _load_f32(shift_row, cols, C)
+    return s1p, t
 
 
 @triton.jit
 def _modulate_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, R, C, scale_bstride, shift_bstride,
                      eps, rows_per_program,
                      NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     BLOCK_C: tl.constexpr, SINGLE: tl.constexpr, TAIL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1).to(tl.int64) * rows_per_program
     scale_row = scale_ptr + b * scale_bstride
     shift_row = shift_ptr + b * shift_bstride
-    cols = tl.arange(0, BLOCK_C)
+    cols_a = tl.arange(0, BLOCK_C)
+    if SINGLE:
+        # The row in registers: scale/shift once per program, x once per row.
+        s1p_a, t_a = _params_tile(scale_row, shift_row, cols_a, C, HAS_SCALE, HAS_SHIFT)
+        cols_b, s1p_b, t_b = 0, 0.0, 0.0
+        if TAIL > 0:
+            cols_b = BLOCK_C + tl.arange(0, TAIL)
+            s1p_b, t_b = _params_tile(scale_row, shift_row, cols_b, C, HAS_SCALE, HAS_SHIFT)
     for i in range(0, rows_per_program):
         r = first + i
         if r < R:
             offset = (b * R + r) * C
             mean, rstd = 0.0, 1.0
-            if NORM != 0:
-                mean, rstd = _row_stats(x_ptr + offset, C, eps, NORM, BLOCK_C)
-            for c0 in range(0, C, BLOCK_C):
-                m = _modulated_block(x_ptr + offset, scale_row, shift_row, c0, C, mean, rstd,
-                                     NORM, HAS_SCALE, HAS_SHIFT, BLOCK_C)
-                tl.store(out_ptr + offset + c0 + cols, _round_to(m, out_ptr.dtype.element_ty),
-                         mask=c0 + cols < C)
+            if SINGLE:
+                xa, xb = _load_f32(x_ptr + offset, cols_a, C), 0.0
+                if TAIL > 0:
+                    xb = _load_f32(x_ptr + offset, cols_b, C)
+                if NORM != 0:
+                    mean, rstd = _tile_stats(xa, xb, cols_a, cols_b, C, eps, NORM, TAIL)
+                ma = _modulated(xa, mean, rstd, s1p_a, t_a, NORM, HAS_SCALE, HAS_SHIFT)
+                tl.store(out_ptr + offset + cols_a, _round_to(ma, out_ptr.dtype.element_ty),
+                         mask=cols_a < C)
+                if TAIL > 0:
+                    mb = _modulated(xb, mean, rstd, s1p_b, t_b, NORM, HAS_SCALE, HAS_SHIFT)
+                    tl.store(out_ptr + offset + cols_b, _round_to(mb, out_ptr.dtype.element_ty),
+                             mask=cols_b < C)
+            else:
+                if NORM != 0:
+                    mean, rstd = _row_stats(x_ptr + offset, C, eps, NORM, BLOCK_C)
+                for c0 in range(0, C, BLOCK_C):
+                    cols = c0 + cols_a
+                    s1p, t = _params_tile(scale_row, shift_row, cols, C, HAS_SCALE, HAS_SHIFT)
+                    m = _modulated(_load_f32(x_ptr + offset, cols, C), mean, rstd, s1p, t,
+                                   NORM, HAS_SCALE, HAS_SHIFT)
+                    tl.store(out_ptr + offset + cols, _round_to(m, out_ptr.dtype.element_ty),
+                             mask=cols < C)
+
+
+@triton.jit
+def _rel_l1_tile(m, p, cols, C, prev_row):
+    """Store m (already in prev's dtype) over prev; fp32 (|m - p|, |p|) lane sums."""
+    tl.store(prev_row + cols, m, mask=cols < C)
+    return tl.where(cols < C, tl.abs(m.to(tl.float32) - p), 0.0), tl.abs(p)
+
+
+@triton.jit
+def _rel_l1_row_blocked(x_row, prev_row, scale_row, shift_row, C, eps, acc_diff, acc_prev,
+                        NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """One row too wide for registers, BLOCK_C columns at a time: the statistics
+    pass(es), then m compared with prev and stored; returns the lane sums."""
+    mean, rstd = 0.0, 1.0
+    if NORM != 0:
+        mean, rstd = _row_stats(x_row, C, eps, NORM, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        s1p, t = _params_tile(scale_row, shift_row, cols, C, HAS_SCALE, HAS_SHIFT)
+        m = _modulated(_load_f32(x_row, cols, C), mean, rstd, s1p, t, NORM, HAS_SCALE, HAS_SHIFT)
+        p = _load_f32(prev_row, cols, C)
+        d, q = _rel_l1_tile(_round_to(m, prev_row.dtype.element_ty), p, cols, C, prev_row)
+        acc_diff += d
+        acc_prev += q
+    return acc_diff, acc_prev
 
 
 @triton.jit
 def _modulated_rel_l1_kernel(x_ptr, scale_ptr, shift_ptr, prev_ptr, part_ptr, R, C,
                              scale_bstride, shift_bstride, eps, rows_per_program,
                              NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                             BLOCK_C: tl.constexpr):
+                             BLOCK_C: tl.constexpr, SINGLE: tl.constexpr, TAIL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     first = pid.to(tl.int64) * rows_per_program
     scale_row = scale_ptr + b * scale_bstride
     shift_row = shift_ptr + b * shift_bstride
-    cols = tl.arange(0, BLOCK_C)
+    dtype = prev_ptr.dtype.element_ty
+    cols_a = tl.arange(0, BLOCK_C)
     acc_diff = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_prev = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if SINGLE:
+        s1p_a, t_a = _params_tile(scale_row, shift_row, cols_a, C, HAS_SCALE, HAS_SHIFT)
+        cols_b, s1p_b, t_b = 0, 0.0, 0.0
+        if TAIL > 0:
+            cols_b = BLOCK_C + tl.arange(0, TAIL)
+            s1p_b, t_b = _params_tile(scale_row, shift_row, cols_b, C, HAS_SCALE, HAS_SHIFT)
+            tail_diff = tl.zeros([TAIL], dtype=tl.float32)
+            tail_prev = tl.zeros([TAIL], dtype=tl.float32)
     for i in range(0, rows_per_program):
         r = first + i
         if r < R:
             offset = (b * R + r) * C
-            mean, rstd = 0.0, 1.0
-            if NORM != 0:
-                mean, rstd = _row_stats(x_ptr + offset, C, eps, NORM, BLOCK_C)
-            for c0 in range(0, C, BLOCK_C):
-                cmask = c0 + cols < C
-                m = _modulated_block(x_ptr + offset, scale_row, shift_row, c0, C, mean, rstd,
-                                     NORM, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+            if SINGLE:
+                mean, rstd = 0.0, 1.0
+                # Every load of the row first (x and prev, both tiles), then the
+                # statistics from registers: one DRAM round trip per row.
+                xa, xb = _load_f32(x_ptr + offset, cols_a, C), 0.0
+                pa, pb = _load_f32(prev_ptr + offset, cols_a, C), 0.0
+                if TAIL > 0:
+                    xb = _load_f32(x_ptr + offset, cols_b, C)
+                    pb = _load_f32(prev_ptr + offset, cols_b, C)
+                if NORM != 0:
+                    mean, rstd = _tile_stats(xa, xb, cols_a, cols_b, C, eps, NORM, TAIL)
                 # Compare what is stored for the next call: m rounded to prev's dtype.
-                m = _round_to(m, prev_ptr.dtype.element_ty)
-                p = tl.load(prev_ptr + offset + c0 + cols, mask=cmask, other=0.0).to(tl.float32)
-                acc_diff += tl.where(cmask, tl.abs(m.to(tl.float32) - p), 0.0)
-                acc_prev += tl.abs(p)
-                tl.store(prev_ptr + offset + c0 + cols, m, mask=cmask)
+                ma = _round_to(_modulated(xa, mean, rstd, s1p_a, t_a, NORM, HAS_SCALE, HAS_SHIFT), dtype)
+                d, q = _rel_l1_tile(ma, pa, cols_a, C, prev_ptr + offset)
+                acc_diff += d
+                acc_prev += q
+                if TAIL > 0:
+                    mb = _round_to(_modulated(xb, mean, rstd, s1p_b, t_b, NORM, HAS_SCALE, HAS_SHIFT),
+                                   dtype)
+                    d, q = _rel_l1_tile(mb, pb, cols_b, C, prev_ptr + offset)
+                    tail_diff += d
+                    tail_prev += q
+            else:
+                acc_diff, acc_prev = _rel_l1_row_blocked(x_ptr + offset, prev_ptr + offset, scale_row,
+                                                         shift_row, C, eps, acc_diff, acc_prev,
+                                                         NORM, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    sum_diff = tl.sum(acc_diff, axis=0)
+    sum_prev = tl.sum(acc_prev, axis=0)
+    if SINGLE:
+        if TAIL > 0:
+            sum_diff += tl.sum(tail_diff, axis=0)
+            sum_prev += tl.sum(tail_prev, axis=0)
     out = part_ptr + (b * tl.num_programs(1) + pid) * 2
-    tl.store(out, tl.sum(acc_diff, axis=0))
-    tl.store(out + 1, tl.sum(acc_prev, axis=0))
+    tl.store(out, sum_diff)
+    tl.store(out + 1, sum_prev)
 
 
 def _params(x, scale, shift):
@@ -157,22 +287,33 @@ def _params(x, scale, shift):
     return s, t, s_stride, t_stride
 
 
-def modulate(x, scale, shift, out, norm, eps, *, block_c, rows_per_program, num_warps):
+def _tiles(C, block_c, tail):
+    """Constexprs of the path: tail=None loops over BLOCK_C-wide column blocks;
+    tail >= 0 holds the row in registers as [0, block_c) + [block_c, block_c + tail)."""
+    if tail is not None and block_c + tail < C:
+        raise ValueError(f"tiles of {block_c} + {tail} columns do not cover a row of {C}")
+    return {"BLOCK_C": block_c, "SINGLE": tail is not None, "TAIL": tail or 0}
+
+
+def modulate(x, scale, shift, out, norm, eps, *, block_c, tail, rows_per_program, num_warps):
     """Write ``norm(x) * (1 + scale) + shift`` into out.
 
     x, out: contiguous (B, R, C); scale, shift: contiguous (B or 1, C) or None;
-    norm: "layer" | "rms" | "none".
+    norm: "layer" | "rms" | "none"; tail: None (blocked path) or the width of the
+    second register tile (0: one tile), see _tiles.
     """
     B, R, C = x.shape
     s, t, s_stride, t_stride = _params(x, scale, shift)
     grid = (B, triton.cdiv(R, rows_per_program))
     _modulate_kernel[grid](x, s, t, out, R, C, s_stride, t_stride, eps, rows_per_program,
                            NORM=NORM_CODES[norm], HAS_SCALE=scale is not None,
-                           HAS_SHIFT=shift is not None, BLOCK_C=block_c, num_warps=num_warps)
+                           HAS_SHIFT=shift is not None, **_tiles(C, block_c, tail),
+                           num_warps=num_warps, enable_fp_fusion=False)
     return out
 
 
-def modulated_rel_l1_(x, scale, shift, prev, norm, eps, *, block_c, rows_per_program, num_warps):
+def modulated_rel_l1_(x, scale, shift, prev, norm, eps, *, block_c, tail, rows_per_program,
+                      num_warps):
     """prev <- modulate(x, ...) in one pass; return fp32 per-program partials (B, P, 2).
 
     ``partials[b, j] = [sum|m - prev|, sum|prev|]`` over the rows of program j of
@@ -186,5 +327,5 @@ def modulated_rel_l1_(x, scale, shift, prev, norm, eps, *, block_c, rows_per_pro
     _modulated_rel_l1_kernel[(B, programs)](
         x, s, t, prev, partials, R, C, s_stride, t_stride, eps, rows_per_program,
         NORM=NORM_CODES[norm], HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        BLOCK_C=block_c, num_warps=num_warps)
+        **_tiles(C, block_c, tail), num_warps=num_warps, enable_fp_fusion=False)
     return partials

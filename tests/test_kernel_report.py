@@ -71,28 +71,13 @@ KNOWN_SHORTFALLS = {
     # Review finding: Poly's coefficients are indexed at run time -> a 40-byte stack
     # frame, read with LDL inside the grid-stride loop.
     ("cuda", "decide_kernel", None): {"stack": 40, "local_in_loop": True},
-    # Found by this report: Triton's launch_config sizes grids for _PROGRAMS_PER_SM = 8
-    # resident programs, but 16 warps (512 threads) per program fit at most 4 per SM
-    # (2048 threads), fewer at the compiled register counts.
-    ("triton", "_modulate_kernel", "bf16"): {"blocks": 4},
-    ("triton", "_modulate_kernel", "fp32"): {"blocks": 3},
-    ("triton", "_modulated_rel_l1_kernel", "bf16"): {"blocks": 2},
-    ("triton", "_modulated_rel_l1_kernel", "fp32"): {"blocks": 2},
-    ("triton", "_rel_l1_partials_kernel", "bf16"): {"blocks": 4},
-    ("triton", "_rel_l1_partials_kernel", "fp32"): {"blocks": 3},
-    ("triton", "_residual_capture_kernel", None): {"blocks": 4},
-    ("triton", "_residual_apply_kernel", None): {"blocks": 4},
 }
-# Review finding (CUDA), confirmed for Triton by this report: with LayerNorm the row
-# kernels read x three times (mean, variance, output), and the statistics' block
-# reductions put a barrier between them.
+# Review finding (CUDA): with LayerNorm the row kernel reads x three times (mean,
+# variance, output), and the statistics' block reductions put a barrier between them.
 for _kernel in ("modulate_rows_kernel<%s>" % v for v in (
         "BF16,BF16,false", "BF16,BF16,true", "BF16,F32,false", "BF16,F32,true", "F16,F16,false",
         "F16,F16,true", "F16,F32,false", "F16,F32,true", "F32,F32,false", "F32,F32,true")):
     KNOWN_SHORTFALLS.setdefault(("cuda", _kernel, None), {}).update(x_passes=3, loads_before_barrier=False)
-for _kernel in ("_modulate_kernel", "_modulated_rel_l1_kernel"):
-    for _dtype in ("bf16", "fp32"):
-        KNOWN_SHORTFALLS[("triton", _kernel, _dtype)].update(x_passes=3, loads_before_barrier=False)
 
 # Kernels whose work is a row / an elementwise range (the bandwidth-bound ones).
 ROW_KERNELS = re.compile(r"^(modulate_rows_kernel|rel_l1_kernel|capture_kernel|apply_kernel|"
@@ -265,6 +250,32 @@ def test_all_loads_of_a_row_before_its_first_barrier(report):
         _check(problems, k, "loads_before_barrier", before, before in (True, None),
                lambda known: True)
     assert not problems, "\n".join(problems)
+
+
+def test_triton_row_kernels_hold_the_row_in_registers(report):
+    # FLUX C=3072 (bf16, fp32, bf16 with fp32 params) and Wan C=5120 bf16: the
+    # row-in-registers path, its tiles covering exactly C lanes (none masked),
+    # and x loaded once per element: the loads of x in the row loop, times the
+    # threads, are C elements. With every load before the first barrier, no
+    # spills and the resident programs the grid assumes (the tests above).
+    facts, _ = report
+    seen = set()
+    for k in facts["kernels"]:
+        if k["backend"] != "triton" or k["name"] not in MAIN_INPUT:
+            continue
+        extra = k["extra"]
+        assert extra["single_tile"] and len(extra["widths"]) == 1, (k["name"], k["case"])
+        (C,) = extra["widths"]
+        assert extra["lanes"] == C, (k["name"], k["case"], extra["lanes"])
+        x_elems = extra["row_ld_bits"]["x_ptr"] * k["threads"] // (8 * extra["itemsize"])
+        assert x_elems == C, (k["name"], k["case"], extra["row_ld_bits"])
+        if k["name"] == "_modulated_rel_l1_kernel":
+            assert extra["row_ld_bits"]["prev_ptr"] == extra["row_ld_bits"]["x_ptr"], k["case"]
+        assert k["passes"]["x_ptr"] == 1 and k["loads_before_barrier"] is True, k["case"]
+        assert k["blocks"] == k["assumed"] and not (k["spill_st"] or k["stack"] or k["local"]), k["case"]
+        seen.add((k["name"], C, extra["itemsize"], "fp32 params" in k["case"]))
+    assert {(n, C, size, p) for n in MAIN_INPUT if n.startswith("_")
+            for C, size, p in ((3072, 2, False), (3072, 4, False), (5120, 2, False), (3072, 2, True))} <= seen
 
 
 def test_committed_report_is_current(report):

@@ -67,3 +67,39 @@ def test_modulated_rel_l1_bf16_uses_128_bit_loads(aot_run):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ptx = _ptx_for(ptx_dir, "_modulated_rel_l1_kernel", "x=bf16", "C=3072")
     assert VECTOR_LOAD.search(ptx), "bf16 rows of 3072 channels are read without 128-bit loads"
+
+
+# Rounding that differs from torch's: a fused multiply-add, an approximate
+# reciprocal square root or division (div.full / div.approx / rcp.approx).
+INEXACT = re.compile(r"\b(?:fma\.rn\.f32|rsqrt\.approx|div\.(?:full|approx)\.f32|rcp\.approx|sqrt\.approx)\b")
+
+
+@pytest.mark.parametrize("kernel", ["_modulate_kernel", "_modulated_rel_l1_kernel"])
+def test_modulate_kernels_round_like_torch(aot_run, kernel):
+    # The launch turns fp fusion off and the kernels use div_rn / sqrt_rn, so
+    # every fp32 op rounds once, as in the torch backend (under the
+    # interpreter the same is checked bitwise, tests/test_triton_kernels.py).
+    proc, ptx_dir = aot_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    paths = sorted(ptx_dir.glob(f"{kernel}_sm90_*.ptx"))
+    assert paths
+    normed = 0
+    for path in paths:
+        ptx = path.read_text()
+        assert not INEXACT.findall(ptx), (path.name, sorted(set(INEXACT.findall(ptx))))
+        if "norm=none" not in ptx.split("\n", 1)[0]:
+            assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx, path.name
+            normed += 1
+    assert normed >= 3
+
+
+def test_modulated_rel_l1_loads_x_once_per_row(aot_run):
+    # The row in registers (C=3072 bf16: tiles of 2048 + 1024 lanes): x and prev
+    # each loaded by exactly two instructions per row loop iteration (one per
+    # tile), where the blocked path had three passes over x.
+    proc, ptx_dir = aot_run
+    ptx = _ptx_for(ptx_dir, "_modulated_rel_l1_kernel", "x=bf16", "C=3072")
+    assert "SINGLE=True" in proc.stdout
+    loop = ptx.split("Loop Header", 1)[1].split("%._crit_edge", 1)[0]
+    loads = re.findall(r"ld\.global\S*", loop)
+    assert len(loads) == 4, loads   # x a, prev a, x b, prev b

@@ -84,31 +84,66 @@ def test_modulate_video_shape_non_contiguous():
 
 
 def test_modulate_none_matches_torch_bitwise():
-    # No reduction: the same fp32 operations in the same order, rounded once
-    # (round-to-nearest-even, also for bf16 under the interpreter).
+    # No reduction: the same fp32 operations in the same order, each rounded
+    # once (fp fusion is off at launch, so no FMA on a GPU either), then one
+    # round-to-nearest-even to bf16 (also under the interpreter).
     x = _rand((3, 5, 77), torch.bfloat16, 7, 50.0)
     scale, shift = _rand((3, 77), torch.bfloat16, 8), _rand((3, 77), torch.bfloat16, 9)
     m = _triton(ops.modulate, x, scale, shift, norm="none")
     ref = _torch(ops.modulate, x, scale, shift, norm="none")
-    if DEV == "cpu":  # a GPU may fuse the multiply-add: one rounding fewer
-        assert torch.equal(m, ref)
-    else:
-        torch.testing.assert_close(m, ref, atol=ATOL[torch.bfloat16], rtol=0)
+    assert torch.equal(m, ref)
+
+
+def _exact_stat_rows(B, R, C, seed):
+    """fp32 rows whose sums are exact in any order: 0.75 + a shuffled +-v pair
+    set (v in quarters, |v| <= 4), so mean = 0.75 and sum((x - mean)^2) are
+    exact; what is left to round is sum / C, + eps, sqrt, 1 / . and the
+    elementwise ops, each correctly rounded in torch and in the kernels."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randint(-16, 17, (B, R, C // 2), generator=g).float() / 4
+    row = torch.cat([v, -v, torch.zeros(B, R, C % 2)], -1)
+    perm = torch.argsort(torch.rand(B, R, C, generator=g), -1)
+    return (torch.gather(row, -1, perm) + 0.75).to(DEV)
+
+
+# C=7, 1000: one tile; 1025, 2000: two tiles; 3000: the blocked path (on CPU).
+@pytest.mark.parametrize("C", [7, 1025, 2000, 3000], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("norm", ops.NORMS)
+def test_modulate_matches_torch_bitwise_fp32(C, norm):
+    # Bitwise, not to the last ulp: with the statistics' sums exact (so the
+    # summation order, which differs between torch and the kernels, cannot
+    # matter), every remaining op is rounded the same way: div.rn for the
+    # means, sqrt.rn then div.rn for rstd (torch's rsqrt on CPU is 1 / sqrt),
+    # no FMA contraction. On arbitrary rows the two differ only through the
+    # order of the sums (a few ulps, see test_modulate_block_boundaries).
+    x = _exact_stat_rows(2, 3, C, C)
+    scale, shift = _rand((2, C), seed=30), _rand((1, C), seed=31)
+    m = _triton(ops.modulate, x, scale, shift, norm=norm)
+    assert torch.equal(m, _torch(ops.modulate, x, scale, shift, norm=norm))
+    prev_tr, prev_to = _rand(x.shape, seed=32), _rand(x.shape, seed=32)
+    p_tr = _triton(ops.modulated_rel_l1_, x, scale, shift, prev_tr, norm=norm, per_sample=True)
+    p_to = _torch(ops.modulated_rel_l1_, x, scale, shift, prev_to, norm=norm, per_sample=True)
+    assert torch.equal(prev_tr, prev_to)
+    torch.testing.assert_close(p_tr, p_to, rtol=1e-5, atol=0)  # sums: different orders
 
 
 # --------------------------------------------------------------------------- fused indicator
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("C", [BLOCK_C + 1, 3000], ids=lambda c: f"C{c}")
-def test_modulated_rel_l1_program_partials(dtype, C):
+@pytest.mark.parametrize("single", [False, True], ids=["blocked", "registers"])
+def test_modulated_rel_l1_program_partials(dtype, C, single):
     # Call the launcher directly: 3 rows per program over 7 rows leaves a
     # 1-row program; each program's partials must be those of its own rows.
+    # Both paths: blocked (BLOCK_C columns at a time) and the row in registers
+    # (two tiles: 1024 + 1 lanes, or 2048 + 1024 with 72 masked).
+    block, tail = tb._row_tiles(C, 4096) if single else (BLOCK_C, None)
     B, R, per = 2, 7, 3
     x = _rand((B, R, C), dtype, 10, 3.0)
     scale, shift = _rand((1, C), dtype, 11, 0.5), _rand((B, C), dtype, 12)
     prev = _rand((B, R, C), dtype, 13)
     prev0 = prev.clone()
-    parts = kmod.modulated_rel_l1_(x, scale, shift, prev, "layer", 1e-6, block_c=BLOCK_C,
+    parts = kmod.modulated_rel_l1_(x, scale, shift, prev, "layer", 1e-6, block_c=block, tail=tail,
                                    rows_per_program=per, num_warps=CFG.num_warps)
     assert parts.shape == (B, 3, 2) and parts.dtype == torch.float32
     # prev holds m rounded to dtype, like the torch backend's
@@ -211,7 +246,9 @@ def test_decide_matches_torch_bitwise(coefficients):
     state0 = torch.stack((torch.linspace(-0.5, 0.9, 10), torch.arange(10.0) % 4), dim=1).to(DEV)
     force = torch.zeros(10, dtype=torch.bool, device=DEV)
     force[8] = True
-    for threshold in (0.0, 0.3, 1.0):
+    # 1e-50 rounds to 0 in fp32: "threshold <= 0" is decided on the double in
+    # every backend, the comparison with acc on the fp32 threshold.
+    for threshold in (0.0, 1e-50, 0.3, 1.0):
         for max_skips in (None, 0, 2):
             (f_tr, s_tr), (f_to, s_to) = _decide_both(partials, coefficients, threshold, force,
                                                       max_skips, state0)
@@ -257,6 +294,25 @@ def test_decide_hand_worked_degree4_sequence():
                     (True, 0.0, 0.0)]          # 0.5347 >= 0.5: compute
 
 
+@pytest.mark.parametrize("threshold,never_skip", [(0.0, 1), (-1.0, 1), (1e-50, 0), (0.3, 0)])
+def test_decide_never_skip_is_decided_on_the_double(monkeypatch, threshold, never_skip):
+    # On a GPU the kernel receives the threshold as fp32, where 1e-50 is 0; the
+    # interpreter keeps the double, so the flag the launcher passes is checked
+    # here: positive thresholds allow skips in every backend (torch and CUDA
+    # test "threshold <= 0" on the double too).
+    launches = []
+
+    class _Record:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(args)
+    monkeypatch.setattr(kdecide, "_decide_kernel", _Record())
+    p = torch.zeros((1, 2), device=DEV)
+    kdecide.teacache_decide_(p, p.clone(), [1.0], threshold, torch.zeros(1, dtype=torch.bool, device=DEV),
+                             -1, block=1, num_warps=1)
+    (args,) = launches
+    assert args[5] == float(threshold) and args[6] == never_skip
+
+
 def test_decide_launcher_rejects_too_many_coefficients():
     p = torch.zeros((1, 2), device=DEV)
     with pytest.raises(ValueError, match="coefficients"):
@@ -269,13 +325,58 @@ def test_decide_launcher_rejects_too_many_coefficients():
 
 @pytest.mark.parametrize("width,rows,groups", [(1, 1, 1), (3072, 4096, 1), (5120, 75600, 2),
                                                (64, 10**6, 1), (20000, 3, 1)])
-def test_gpu_launch_config_bounds(monkeypatch, width, rows, groups):
-    # Pure arithmetic: checked here with a pretend 132-SM device.
-    monkeypatch.setattr(tb, "_sm_count", lambda index: 132)
-    cfg = tb.launch_config(width, rows, groups, torch.device("cuda", 0))
-    assert cfg.block & (cfg.block - 1) == 0 and cfg.block <= 4096
-    assert cfg.block >= min(width, 4096)
-    assert 1 <= cfg.num_warps <= 16 and cfg.num_warps & (cfg.num_warps - 1) == 0
-    assert cfg.per_program == 1 or cfg.per_program * width <= 1 << 16
-    programs = groups * -(-rows // cfg.per_program)
-    assert programs >= min(groups * rows, 8 * 132)  # fills the device when there is work
+def test_gpu_launch_config_bounds(width, rows, groups):
+    # Pure arithmetic, for a pretend GPU: no SM count enters it.
+    gpu = torch.device("cuda", 0)
+    for kernel, cfg in (("_rel_l1_partials_kernel", tb.launch_config(
+                            width, rows, groups, gpu, kernel="_rel_l1_partials_kernel", itemsize=2)),
+                        ("_modulated_rel_l1_kernel", tb.row_config(
+                            width, rows, groups, gpu, kernel="_modulated_rel_l1_kernel", itemsize=2))):
+        assert cfg.block & (cfg.block - 1) == 0 and cfg.block <= 8192
+        if cfg.tail is None:
+            assert cfg.block >= min(width, 4096)
+        else:  # the row in registers: two power-of-two tiles cover it, none wasted
+            assert cfg.tail & (cfg.tail - 1) == 0 and cfg.tail < cfg.block
+            assert cfg.block + cfg.tail >= width > (cfg.block + cfg.tail) // 2
+        assert 1 <= cfg.num_warps <= 16 and cfg.num_warps & (cfg.num_warps - 1) == 0
+        assert cfg.per_program == 1 or cfg.per_program * width <= 1 << 16
+        programs = groups * -(-rows // cfg.per_program)
+        # a full wave on a 132-SM GPU when there is work
+        assert programs >= min(groups * rows, 132 * tb.resident_programs(kernel, cfg.num_warps, 2))
+
+
+@pytest.mark.parametrize("C,tiles", [(3072, (2048, 1024)), (5120, (4096, 1024)), (4096, (4096, 0)),
+                                     (3000, (2048, 1024)), (3500, (4096, 0)), (17, (32, 0)),
+                                     (8192, (8192, 0)), (8193, None)])
+def test_row_tiles(C, tiles):
+    assert tb._row_tiles(C, 8192) == tiles
+
+
+class _FakeProps:
+    def __init__(self, sms):
+        self.multi_processor_count = sms
+
+
+@pytest.mark.parametrize("op", ["modulated_rel_l1_", "rel_l1_partials"])
+def test_same_bits_for_two_sm_counts(monkeypatch, op):
+    # The GPU launch math (block sizes, the partition of the reduction) runs
+    # on CPU tensors under the interpreter, for a pretend GPU of 2 SMs and one
+    # of 3: a split sized by the SM count gives other sums (48 rows: 3 or 2
+    # rows per program at 8 programs per SM), a fixed split the same bits.
+    gpu = torch.device("cuda", 0)
+    launch, row = tb.launch_config, tb.row_config
+    monkeypatch.setattr(tb, "launch_config", lambda w, r, g, device, **kw: launch(w, r, g, gpu, **kw))
+    monkeypatch.setattr(tb, "row_config", lambda C, r, g, device, **kw: row(C, r, g, gpu, **kw))
+    monkeypatch.setattr(tb, "_REFERENCE_SMS", 2)  # keep the interpreter's grid small
+    x = _rand((1, 48, 96), seed=40, offset=0.3)
+    results = []
+    for sms in (2, 3):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index, n=sms: _FakeProps(n))
+        if op == "modulated_rel_l1_":
+            prev = _rand(x.shape, seed=41)
+            parts = _triton(ops.modulated_rel_l1_, x, None, None, prev, norm="layer")
+            results.append((parts, prev))
+        else:
+            results.append((_triton(ops.rel_l1_partials, x.view(1, -1), _rand((1, 48 * 96), seed=41)),))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

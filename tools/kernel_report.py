@@ -805,6 +805,9 @@ def _aot():
 # The op benchmark's shapes (teacache_fast/bench_ops.py SIZES) and dtypes.
 TRITON_CASES = (("flux", (1, 4096, 3072), "bf16"), ("flux", (1, 4096, 3072), "fp32"),
                 ("wan14b", (1, 32760, 5120), "bf16"))
+# Row kernels also with fp32 modulation params on a bf16 row (a model whose
+# timestep embedding stays in fp32).
+TRITON_ROW_CASES = TRITON_CASES + (("flux", (1, 4096, 3072), "bf16", "fp32"),)
 TRITON_GRID_ASSUMES_RESIDENCY = {"_modulate_kernel", "_modulated_rel_l1_kernel", "_rel_l1_partials_kernel",
                                  "_residual_capture_kernel", "_residual_apply_kernel"}
 
@@ -816,14 +819,17 @@ def triton_thunks():
     from teacache_fast.backends import triton as tb
     meta = aot._meta
     cases = []
-    for size, shape, dname in TRITON_CASES:
-        dt = aot.DTYPES[dname]
+    for size, shape, dname, *params in TRITON_ROW_CASES:
         B, N, C = shape
-        x, ss = meta(shape, dt), meta((B, C), dt)
-        label = f"{size} {dname}"
+        x, ss = meta(shape, aot.DTYPES[dname]), meta((B, C), aot.DTYPES[params[0] if params else dname])
+        label = f"{size} {dname}" + (f" {params[0]} params" if params else "")
         cases.append((f"modulate {label}", lambda x=x, s=ss: tb.modulate(x, s, s, "layer", 1e-6)))
         cases.append((f"modulated_rel_l1_ {label}", lambda x=x, s=ss: tb.modulated_rel_l1_(
             x, s, s, torch.empty_like(x), "layer", 1e-6, False)))
+    for size, shape, dname in TRITON_CASES:
+        dt = aot.DTYPES[dname]
+        B, N, C = shape
+        label = f"{size} {dname}"
         flat = meta((1, B * N * C), dt)
         cases.append((f"rel_l1_partials {label}", lambda f=flat: tb.rel_l1_partials(f, torch.empty_like(f), False)))
         cases.append((f"residual_capture_ {label}", lambda f=flat: tb.residual_capture_(
@@ -832,7 +838,57 @@ def triton_thunks():
     parts = meta((1, 2), torch.float32)
     cases.append(("teacache_decide_ S=1", lambda: tb.teacache_decide_(parts, torch.empty_like(parts), [1.0, -2.0, 3.0], 0.1,
                                                      meta((1,), torch.bool), 3)))
-    return cases, tb._PROGRAMS_PER_SM
+    return cases, tb.resident_programs
+
+
+# The pointer whose element size the Triton backend passes to launch_config.
+TRITON_MAIN_POINTER = {"_modulate_kernel": "x_ptr", "_modulated_rel_l1_kernel": "x_ptr",
+                       "_rel_l1_partials_kernel": "cur_ptr", "_residual_capture_kernel": "out_ptr",
+                       "_residual_apply_kernel": "hidden_ptr"}
+
+
+def _itemsize(comp) -> int:
+    """Bytes per element of the kernel's main input, from its compiled signature ("*bf16")."""
+    ty = comp.signature.get(TRITON_MAIN_POINTER.get(comp.fn.__name__, ""), "*fp32")
+    return {"*fp32": 4, "*fp16": 2, "*bf16": 2}[ty]
+
+
+def _is_global_ld(ins: Instr) -> bool:
+    return bool(ins.mem and ins.mem[0] == "ld" and ins.mem[1] in ("global", "generic"))
+
+
+def row_loop_loads_before_barrier(fn: Function) -> bool | None:
+    """Triton row kernels that hold the row in registers loop over their rows in
+    one innermost loop, which is both the hot loop and the row: analyze() sees
+    the row at function scope with that loop collapsed to one node, so it cannot
+    order loads and barriers inside it. Checked here within one iteration of
+    that loop: True when no global load is reachable from a barrier without the
+    back edge. None when the kernel has no such loop (one with barriers and
+    global loads, and no inner loops)."""
+    def has(b, pred, start=None):
+        s, e = fn.blocks[b]
+        return any(pred(fn.instrs[i]) for i in range(start if start is not None else s, e))
+    rows = [lp for lp in fn.loops if not lp.children
+            and any(has(b, lambda ins: ins.barrier) for b in lp.body) and any(has(b, _is_global_ld) for b in lp.body)]
+    if len(rows) != 1:
+        return None
+    lp = rows[0]
+    for b in lp.body:
+        bars = [i for i in range(*fn.blocks[b]) if fn.instrs[i].barrier]
+        if not bars:
+            continue
+        if has(b, _is_global_ld, bars[0]):
+            return False
+        seen, stack = set(), [v for v in fn.succ[b] if v in lp.body and v != lp.header]
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            if has(v, _is_global_ld):
+                return False
+            stack.extend(w for w in fn.succ[v] if w in lp.body and w != lp.header)
+    return True
 
 
 def ptx_attribute(names: list[str], pointers: set):
@@ -845,7 +901,7 @@ def ptx_attribute(names: list[str], pointers: set):
 
 def triton_report(arch: int, workdir: Path) -> tuple[list[KernelFacts], dict]:
     aot = _aot()
-    cases, programs_per_sm = triton_thunks()
+    cases, resident_programs = triton_thunks()
     unique: dict = {}
     for label, thunk in cases:
         with aot.recording(arch) as launches:
@@ -868,6 +924,11 @@ def triton_report(arch: int, workdir: Path) -> tuple[list[KernelFacts], dict]:
         pointers = {p for p, ty in comp.signature.items() if ty.startswith("*")}
         fobj = Function(instrs)
         acc = accesses(fobj, ptx_attribute(names, pointers))
+        sass = analyze(fobj, acc)
+        if sass["row_scope"] == "function" and sass["loads_before_barrier"] is False:
+            in_row_loop = row_loop_loads_before_barrier(fobj)
+            if in_row_loop is not None:
+                sass["loads_before_barrier"] = in_row_loop
         usage = next(iter(aot.resource_counts(result.asm["cubin"]).values()), {})
         cub = workdir / f"{name}.cubin"
         cub.write_bytes(result.asm["cubin"])
@@ -877,16 +938,31 @@ def triton_report(arch: int, workdir: Path) -> tuple[list[KernelFacts], dict]:
         smem = int(result.metadata.shared)
         blocks, limiter = blocks_per_sm(arch, usage.get("REG", 0), threads, smem)
         consts = " ".join(f"{k}={v}" for k, v in comp.constexprs.items()
-                          if k in ("NORM", "HAS_SCALE", "HAS_SHIFT", "HAS_MASK", "BLOCK_C", "BLOCK"))
+                          if k in ("NORM", "HAS_SCALE", "HAS_SHIFT", "HAS_MASK", "BLOCK_C", "BLOCK",
+                                   "SINGLE", "TAIL"))
         dtypes = ",".join(sorted({ty[1:] for p, ty in comp.signature.items() if ty.startswith("*") and
                                   p not in ("part_ptr", "mask_ptr", "out_ptr")}))
+        # Bits each thread loads of every input inside the innermost loops (the
+        # row loop when the row is held in registers): x once per element of
+        # the row is threads * bits == 8 * itemsize * C.
+        row_bits: dict = {}
+        for a in acc:
+            if a.kind == "ld" and a.space in ("global", "generic") and a.param != "?" \
+                    and a.loop is not None and not a.loop.children:
+                row_bits[a.param] = row_bits.get(a.param, 0) + a.bits
+        sizes = {n: shape[2] for n, shape, *_ in TRITON_ROW_CASES}
+        widths = sorted({sizes[c.split()[1]] for c in comp.combos if c.split()[0] in ("modulate", "modulated_rel_l1_")})
         facts.append(KernelFacts(
             "triton", name, f"{' + '.join(dict.fromkeys(comp.combos))}; {dtypes}; {consts}",
-            threads, programs_per_sm if name in TRITON_GRID_ASSUMES_RESIDENCY else None,
+            threads, resident_programs(name, result.metadata.num_warps, _itemsize(comp))
+            if name in TRITON_GRID_ASSUMES_RESIDENCY else None,
             usage.get("REG", 0), usage.get("STACK", 0), 0, 0, usage.get("LOCAL", 0), smem,
-            blocks, limiter, analyze(fobj, acc), names,
+            blocks, limiter, sass, names,
             extra={"dtype": dtypes, "sass_ldg128": sum(op.startswith("LDG") and "128" in op.split(".") for op in sass_ops),
-                   "sass_local": sum(op.split(".")[0] in ("LDL", "STL") for op in sass_ops)}))
+                   "sass_local": sum(op.split(".")[0] in ("LDL", "STL") for op in sass_ops),
+                   "row_ld_bits": row_bits, "itemsize": _itemsize(comp), "widths": widths,
+                   "single_tile": bool(comp.constexprs.get("SINGLE", False)),
+                   "lanes": comp.constexprs.get("BLOCK_C", 0) + comp.constexprs.get("TAIL", 0)}))
     return facts, {"compile_s": time.time() - start, "compiles": len(unique)}
 
 
@@ -932,12 +1008,14 @@ How each column is derived (all from compiled code; nothing is run):
   1 KiB the driver reserves per block is added for the block count, not shown.
 - **threads**: the block size of the launch at the benchmark shapes (CUDA: `kThreads`, and
   `row_threads(C, vec)` for the row kernel at C = 3072 and 5120; Triton: `32 * num_warps` from
-  `launch_config`). **blocks/SM**: resident blocks per SM for that block size, the minimum of the
+  `launch_config` / `row_config`). **blocks/SM**: resident blocks per SM for that block size, the minimum of the
   register limit (cuda_occupancy.h rule: regs x 32 rounded up to 256 per warp, 65536 registers over 4
   sub-partitions), 2048 threads, 32 blocks and {smem_kib} KiB of shared memory per SM; the binding
   limit in parentheses. **grid assumes**: the resident blocks the grid is sized for (CUDA
-  `kBlocksPerSm` for launches sized by `blocks_per_sample`; Triton `_PROGRAMS_PER_SM` for launches
-  sized by `launch_config`'s `per_program`); `-` where the grid does not depend on residency.
+  `kBlocksPerSm` for launches sized by `blocks_per_sample`; Triton `resident_programs(kernel,
+  num_warps, itemsize)`, whose grids are 132 x that many programs whatever the GPU, so the
+  partition of a reduction never depends on the SM count); `-` where the grid does not depend on
+  residency.
   **SHORT** marks a grid that assumes more resident blocks than fit.
 - **Loops**: a control-flow graph is built from the SASS (CUDA) or the PTX (Triton: `ld.global`
   per pointer argument, as the brief asks; ptxas unrolls Triton's loops in SASS, PTX keeps one load
@@ -950,7 +1028,9 @@ How each column is derived (all from compiled code; nothing is run):
   reading it on one path through one iteration of the row (inner loops collapsed to one node each),
   so for_each's vector loop + scalar tail count once, and the three LayerNorm passes count three.
   **ld instrs per hot loop**: the most load instructions of that input in one hot loop (a pack of 8
-  fp32 scale values is two 128-bit loads).
+  fp32 scale values is two 128-bit loads). A Triton row kernel that holds its row in registers
+  (`SINGLE=True`) has one loop, over its rows, that is both the hot loop and the row: its
+  "all loads before 1st barrier" is checked inside one iteration of that loop (back edge excluded).
 - **Attribution to inputs**: a flow-sensitive dataflow over the code tracks, per register, which
   kernel parameters flow into it. SASS: parameters live in constant bank 0 at the offsets of
   `EIATTR_KPARAM_INFO` (from `EIATTR_PARAM_CBANK`); an LDG/STG is attributed to the pointer parameter

@@ -49,12 +49,12 @@ from teacache_fast.backends import triton as tb  # noqa: E402
 from teacache_fast.kernels import decide, modulate, rel_l1, residual  # noqa: E402
 
 KERNEL_MODULES = (modulate, rel_l1, residual, decide)
-SM_COUNT = {80: 108, 90: 132}  # A100, H100: what launch_config sees on those GPUs
+ARCHS = (80, 90)  # A100, H100/H200 (the launch math does not depend on the SM count)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WIDTHS = (1, 3000, 3072, 5120, 16384)
 TOKENS = 4096
 BATCH = 2
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg")
 
 
 @dataclass
@@ -105,14 +105,14 @@ def recording(arch: int):
                 saved.append((mod, name, obj))
                 setattr(mod, name, _Recorder(obj, sink))
     gpu = torch.device("cuda", 0)
-    orig_launch, orig_flat, orig_sm = tb.launch_config, tb.flat_config, tb._sm_count
-    tb._sm_count = lambda index: SM_COUNT[arch]
+    orig_launch, orig_flat, orig_row = tb.launch_config, tb.flat_config, tb.row_config
     tb.launch_config = lambda w, r, g, device, **kw: orig_launch(w, r, g, gpu, **kw)
-    tb.flat_config = lambda length, groups, device: orig_flat(length, groups, gpu)
+    tb.row_config = lambda C, r, g, device, **kw: orig_row(C, r, g, gpu, **kw)
+    tb.flat_config = lambda length, groups, device, **kw: orig_flat(length, groups, gpu, **kw)
     try:
         yield sink
     finally:
-        tb.launch_config, tb.flat_config, tb._sm_count = orig_launch, orig_flat, orig_sm
+        tb.launch_config, tb.flat_config, tb.row_config = orig_launch, orig_flat, orig_row
         for mod, name, obj in saved:
             setattr(mod, name, obj)
 
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="a representative subset on sm_90 only (every kernel, dtype and norm)")
-    parser.add_argument("--arch", type=int, action="append", choices=sorted(SM_COUNT),
+    parser.add_argument("--arch", type=int, action="append", choices=ARCHS,
                         help="compute capability to compile for (repeatable; default 80 and 90)")
     parser.add_argument("--ptx-dir", help="also write each kernel's PTX here")
     args = parser.parse_args(argv)

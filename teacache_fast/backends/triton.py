@@ -11,7 +11,6 @@ sizes, work per program and warps as arguments, so they stay self-contained.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +29,35 @@ from teacache_fast.kernels import residual as _residual
 _GPU_MAX_BLOCK = 4096
 _CPU_MAX_ROW_BLOCK = 1024
 _CPU_MAX_FLAT_BLOCK = 4096
-# GPU: programs wanted per SM (several resident programs hide memory latency);
-# each program handles at most this many elements, so work still spreads out.
-_PROGRAMS_PER_SM = 8
+# Row kernels hold a row of up to this many lanes in registers (one DRAM pass
+# per row, ~8 fp32 values per thread and input); wider rows loop over blocks.
+_GPU_MAX_ROW_TILE = 8192
+_CPU_MAX_ROW_TILE = 2048
+_ELEMS_PER_THREAD = 8
+# The partition of every reduction is a function of the shape only, never of
+# the GPU (the same bits on an A100, an H200 or a MIG slice): a grid of about
+# _REFERENCE_SMS x (programs resident per SM) programs, one full wave on a
+# 132-SM H100/H200; each program handles at most _MAX_ELEMS_PER_PROGRAM
+# elements, so long inputs get more programs.
+_REFERENCE_SMS = 132
 _MAX_ELEMS_PER_PROGRAM = 1 << 16
+# Resident programs per SM of a kernel launched with num_warps, as compiled for
+# sm_90: 2048 threads per SM over 32 * num_warps (at most 32 programs), unless
+# its registers allow fewer: those are listed by (kernel, num_warps, itemsize of
+# the main input), with the registers ptxas gives them at the benchmark shapes
+# (FLUX C=3072, Wan C=5120). tools/kernel_report.py measures them
+# (benchmarks/results/kernels-sm90.md); tests/test_kernel_report.py fails when
+# a compiled kernel fits a different number than its grid assumes. The row
+# kernel holds x, prev, 1 + scale and shift of its row in registers (~100 per
+# thread, no spills): 2 programs of 256 threads (C=3072), 1 of 512 (C=5120);
+# capping the registers (maxnreg 64-80) spills, so the grid assumes what fits.
+_RESIDENT_BY_REGISTERS: dict[tuple[str, int, int], int] = {
+    ("_modulate_kernel", 8, 2): 4, ("_modulate_kernel", 8, 4): 4,       # 62-64 registers
+    ("_modulate_kernel", 16, 2): 2,                                     # 57
+    ("_modulated_rel_l1_kernel", 8, 2): 2, ("_modulated_rel_l1_kernel", 8, 4): 2,  # 99-104
+    ("_modulated_rel_l1_kernel", 16, 2): 1,                             # 93
+    ("_rel_l1_partials_kernel", 16, 4): 3,                              # 39
+}
 # CPU (interpreter): rows or tiles per program, to keep grids small.
 _CPU_PER_PROGRAM = 4
 
@@ -43,38 +67,80 @@ class LaunchConfig:
     block: int        # BLOCK_C (row kernels) or BLOCK (flat kernels): elements per vector op
     per_program: int  # rows (row kernels) or tiles of `block` (flat kernels) per program
     num_warps: int
+    tail: int | None = None  # row kernels: second register tile (0: none); None: blocked path
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def resident_programs(kernel: str, num_warps: int, itemsize: int) -> int:
+    """Programs per SM the grid of ``kernel`` assumes (itemsize: of its main input)."""
+    return _RESIDENT_BY_REGISTERS.get((kernel, num_warps, itemsize),
+                                      min(32, 2048 // (32 * num_warps)))
+
+
+def _per_program(width: int, units: int, num_warps: int, kernel: str, itemsize: int) -> int:
+    """Units of `width` elements per program: a fixed split of `units`, device-free."""
+    target = _REFERENCE_SMS * resident_programs(kernel, num_warps, itemsize)
+    return max(1, min(units // target, _MAX_ELEMS_PER_PROGRAM // width))
 
 
 def launch_config(width: int, rows: int, groups: int, device: torch.device, *,
+                  kernel: str = "", itemsize: int = 4,
                   cpu_max_block: int = _CPU_MAX_ROW_BLOCK) -> LaunchConfig:
     """Launch parameters for ``groups`` x ``rows`` units of ``width`` elements.
 
     A program works on ``per_program`` units of one group, ``block`` elements
     at a time (looping when width > block). The result is a pure function of
-    the shape and the device, so the reduction order, and hence the bits, is
-    the same on every call.
+    the shape and the device type (not the GPU model or its SM count), so the
+    reduction order, and hence the bits, is the same on every call and GPU.
+    kernel, itemsize: which kernel (and main dtype size) the grid is for, to
+    look up its residency.
     """
     if device.type != "cuda":
         return LaunchConfig(min(triton.next_power_of_2(width), cpu_max_block), _CPU_PER_PROGRAM, 1)
     block = min(triton.next_power_of_2(width), _GPU_MAX_BLOCK)
     num_warps = max(1, min(16, block // 256))
-    target = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else
-                                          torch.cuda.current_device())
-    per_program = max(1, min((groups * rows) // target, _MAX_ELEMS_PER_PROGRAM // width))
-    return LaunchConfig(block, per_program, num_warps)
+    return LaunchConfig(block, _per_program(width, groups * rows, num_warps, kernel, itemsize),
+                        num_warps)
 
 
-def flat_config(length: int, groups: int, device: torch.device) -> LaunchConfig:
+def _row_tiles(C: int, max_tile: int) -> tuple[int, int] | None:
+    """(first tile, second tile) covering C lanes, powers of two (the second may
+    be 0), or None when C is wider than max_tile. C = 3072 -> 2048 + 1024: no
+    lane masked, where one 4096 tile would mask a quarter."""
+    full = triton.next_power_of_2(C)
+    if full > max_tile and C > max_tile:
+        return None
+    if full == C or C <= 32:
+        return full, 0
+    half = full // 2
+    tail = triton.next_power_of_2(C - half)
+    return (half, tail) if tail < half else (full, 0)
+
+
+def row_config(C: int, rows: int, groups: int, device: torch.device, *, kernel: str = "",
+               itemsize: int = 4) -> LaunchConfig:
+    """launch_config for the row kernels (modulate, modulated_rel_l1_): a row
+    that fits is held in registers (tail is not None), else the blocked path."""
+    gpu = device.type == "cuda"
+    tiles = _row_tiles(C, _GPU_MAX_ROW_TILE if gpu else _CPU_MAX_ROW_TILE)
+    if tiles is None:
+        cfg = launch_config(C, rows, groups, device, kernel=kernel, itemsize=itemsize)
+        return LaunchConfig(cfg.block, cfg.per_program, cfg.num_warps, None)
+    block, tail = tiles
+    if not gpu:
+        return LaunchConfig(block, _CPU_PER_PROGRAM, 1, tail)
+    warps = max(1, (block + tail) // _ELEMS_PER_THREAD // 32)
+    num_warps = min(16, 1 << (warps.bit_length() - 1))  # a power of two, rounded down
+    return LaunchConfig(block, _per_program(C, groups * rows, num_warps, kernel, itemsize),
+                        num_warps, tail)
+
+
+def flat_config(length: int, groups: int, device: torch.device, *, kernel: str = "",
+                itemsize: int = 4) -> LaunchConfig:
     """launch_config for ``groups`` flat runs of ``length`` elements, cut into tiles."""
     tile = min(triton.next_power_of_2(length),
                _GPU_MAX_BLOCK if device.type == "cuda" else _CPU_MAX_FLAT_BLOCK)
-    return launch_config(tile, triton.cdiv(length, tile), groups, device,
-                         cpu_max_block=_CPU_MAX_FLAT_BLOCK)
+    return launch_config(tile, triton.cdiv(length, tile), groups, device, kernel=kernel,
+                         itemsize=itemsize, cpu_max_block=_CPU_MAX_FLAT_BLOCK)
 
 
 def _on(device: torch.device):
@@ -94,17 +160,17 @@ def _finish(partials: torch.Tensor, per_sample: bool) -> torch.Tensor:
 
 def modulate(x, scale, shift, norm: str, eps: float) -> torch.Tensor:
     B, R, C = x.shape
-    cfg = launch_config(C, R, B, x.device)
+    cfg = row_config(C, R, B, x.device, kernel="_modulate_kernel", itemsize=x.element_size())
     out = torch.empty_like(x)
     with _on(x.device):
-        _modulate.modulate(x, scale, shift, out, norm, eps, block_c=cfg.block,
+        _modulate.modulate(x, scale, shift, out, norm, eps, block_c=cfg.block, tail=cfg.tail,
                            rows_per_program=cfg.per_program, num_warps=cfg.num_warps)
     return out
 
 
 def rel_l1_partials(cur, prev, per_sample: bool) -> torch.Tensor:
     G, L = cur.shape
-    cfg = flat_config(L, G, cur.device)
+    cfg = flat_config(L, G, cur.device, kernel="_rel_l1_partials_kernel", itemsize=cur.element_size())
     with _on(cur.device):
         partials = _rel_l1.rel_l1_partials(cur, prev, block=cfg.block,
                                            tiles_per_program=cfg.per_program,
@@ -114,10 +180,11 @@ def rel_l1_partials(cur, prev, per_sample: bool) -> torch.Tensor:
 
 def modulated_rel_l1_(x, scale, shift, prev, norm: str, eps: float, per_sample: bool) -> torch.Tensor:
     B, R, C = x.shape
-    cfg = launch_config(C, R, B, x.device)
+    cfg = row_config(C, R, B, x.device, kernel="_modulated_rel_l1_kernel",
+                     itemsize=x.element_size())
     with _on(x.device):
         partials = _modulate.modulated_rel_l1_(x, scale, shift, prev, norm, eps, block_c=cfg.block,
-                                               rows_per_program=cfg.per_program,
+                                               tail=cfg.tail, rows_per_program=cfg.per_program,
                                                num_warps=cfg.num_warps)
         return _finish(partials, per_sample)
 
@@ -132,7 +199,8 @@ def teacache_decide_(partials, state, coefficients, threshold: float, force, max
 
 
 def residual_capture_(out, inp, residual) -> None:
-    cfg = flat_config(out.numel(), 1, out.device)
+    cfg = flat_config(out.numel(), 1, out.device, kernel="_residual_capture_kernel",
+                      itemsize=out.element_size())
     with _on(out.device):
         _residual.residual_capture_(out, inp, residual, block=cfg.block,
                                     tiles_per_program=cfg.per_program, num_warps=cfg.num_warps)
@@ -140,7 +208,8 @@ def residual_capture_(out, inp, residual) -> None:
 
 def residual_apply_(hidden, residual, mask) -> None:
     B, L = hidden.shape
-    cfg = flat_config(L, B, hidden.device)
+    cfg = flat_config(L, B, hidden.device, kernel="_residual_apply_kernel",
+                      itemsize=hidden.element_size())
     with _on(hidden.device):
         _residual.residual_apply_(hidden, residual, mask, block=cfg.block,
                                   tiles_per_program=cfg.per_program, num_warps=cfg.num_warps)
