@@ -9,7 +9,7 @@ namespace tcf {
 namespace {
 
 // Stage 2: output o = sum of its `per_output` consecutive workspace pairs.
-__global__ void finish_partials_kernel(const float *__restrict__ ws, float *__restrict__ partials,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) finish_partials_kernel(const float *__restrict__ ws, float *__restrict__ partials,
                                        int64_t outputs, int64_t per_output) {
   for (int64_t o = blockIdx.x; o < outputs; o += gridDim.x) {
     const float *src = ws + o * per_output * 2;
@@ -28,7 +28,7 @@ __global__ void finish_partials_kernel(const float *__restrict__ ws, float *__re
 
 // Stage 1: blocks (x) split each sample (y) of `len` elements.
 template <typename T>
-__global__ void rel_l1_kernel(const typename T::storage *__restrict__ cur,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) rel_l1_kernel(const typename T::storage *__restrict__ cur,
                               const typename T::storage *__restrict__ prev,
                               float *__restrict__ ws, int64_t batch, int64_t len) {
   constexpr int VEC = vec_of<T>();

@@ -751,7 +751,10 @@ def test_across_sm_counts(emu):
 # --------------------------------------------------------------------------- the C API around the kernels
 
 def test_device_check_and_argument_errors(emu):
+    before = emu.counters()
     assert emu.lib.tcf_device_check() == SUCCESS, emu.lib.tcf_last_error()
+    # no probe launch (a first op call inside a CUDA-graph capture must not launch or sync)
+    assert emu.counters() == before, "tcf_device_check launched a kernel"
     st, msg = emu.status("tcf_modulate", None, None, 0, None, 0, None, 1, 1, 8, 0, 0, 1, EPS, None)
     assert st == INVALID and "x must not be NULL" in msg
     x = torch.zeros(4, dtype=torch.float16)

@@ -68,9 +68,6 @@ KNOWN_SHORTFALLS = {
     ("cuda", "modulate_rows_kernel<F16,F16,true>", None): {"blocks": 6},
     ("cuda", "modulate_rows_kernel<F16,F32,true>", None): {"blocks": 6},
     ("cuda", "modulate_rows_kernel<F32,F32,true>", None): {"blocks": 6},
-    # Review finding: Poly's coefficients are indexed at run time -> a 40-byte stack
-    # frame, read with LDL inside the grid-stride loop.
-    ("cuda", "decide_kernel", None): {"stack": 40, "local_in_loop": True},
     # Found by this report: Triton's launch_config sizes grids for _PROGRAMS_PER_SM = 8
     # resident programs, but 16 warps (512 threads) per program fit at most 4 per SM
     # (2048 threads), fewer at the compiled register counts.

@@ -650,12 +650,16 @@ def _short(demangled: str) -> str:
     return s[:cut].replace(", ", ",")
 
 
+# A kernel's optional __launch_bounds__(...) between "void" and its name.
+_BOUNDS = r"(?:__launch_bounds__\s*\([^)]*\)\s*)?"
+
+
 def _source_params() -> dict[str, list[str]]:
     """{kernel: parameter names} from the __global__ signatures in csrc/."""
     out = {}
     for path in sorted(CSRC.glob("*.cu")):
         text = re.sub(r"//[^\n]*", "", path.read_text())
-        for m in re.finditer(r"__global__\s+void\s+(\w+)\s*\(", text):
+        for m in re.finditer(r"__global__\s+void\s+" + _BOUNDS + r"(\w+)\s*\(", text):
             depth, k = 1, m.end()
             while depth:
                 depth += {"(": 1, ")": -1}.get(text[k], 0)
@@ -729,7 +733,7 @@ def sass_attribute(names: list[str], base: int, table: dict, pointers: set):
 
 
 def _cuda_pointer_params(path_text: str, kernel: str, names: list[str]) -> set:
-    m = re.search(rf"__global__\s+void\s+{kernel}\s*\((.*?)\)\s*{{", path_text, re.S)
+    m = re.search(r"__global__\s+void\s+" + _BOUNDS + rf"{kernel}\s*\((.*?)\)\s*{{", path_text, re.S)
     params = _split_args(re.sub(r"//[^\n]*", "", m.group(1))) if m else []
     return {names[k] for k, p in enumerate(params) if "*" in p}
 
