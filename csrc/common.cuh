@@ -168,6 +168,54 @@ __device__ __forceinline__ void for_each(const RowSplit &s, int64_t n, int64_t t
     f(k < s.head ? k : tail0 + (k - s.head), std::integral_constant<int, 1>{});
 }
 
+// ---------------------------------------------------------------- fixed-order rows
+// What the reductions use, so that a sum's bits depend on the input alone: pack
+// k of a row of n elements is [k * VEC, k * VEC + VEC); thread `tid` of
+// `nthreads` owns packs tid, tid + nthreads, ... and then the tail elements
+// n - n % VEC + tid, ... one each. `aligned` (every pointer of the row 16-byte
+// aligned at element 0) only picks 128-bit or scalar loads of the same elements
+// in the same order. Calls f(i, std::integral_constant<int, W>, std::bool_constant<A>)
+// with A = vector access allowed.
+template <int VEC, typename F>
+__device__ __forceinline__ void for_each_fixed(int64_t n, int64_t tid, int64_t nthreads, bool aligned,
+                                               F &&f) {
+  const int64_t npacks = n / VEC;
+  if (aligned) {
+    for (int64_t k = tid; k < npacks; k += nthreads)
+      f(k * VEC, std::integral_constant<int, VEC>{}, std::true_type{});
+  } else {
+    for (int64_t k = tid; k < npacks; k += nthreads)
+      f(k * VEC, std::integral_constant<int, VEC>{}, std::false_type{});
+  }
+  for (int64_t i = npacks * VEC + tid; i < n; i += nthreads)
+    f(i, std::integral_constant<int, 1>{}, std::true_type{});
+}
+
+// load/store of W elements: one pack when A, else W scalar accesses.
+template <typename T, int W, bool A>
+__device__ __forceinline__ void load_as(const typename T::storage *p, float (&out)[W]) {
+  if constexpr (A) {
+    load<T, W>(p, out);
+  } else {
+#pragma unroll
+    for (int j = 0; j < W; ++j) out[j] = T::to_f(p[j]);
+  }
+}
+
+template <typename T, int W, bool A>
+__device__ __forceinline__ void store_as(typename T::storage *p, const float (&in)[W]) {
+  if constexpr (A) {
+    store<T, W>(p, in);
+  } else {
+#pragma unroll
+    for (int j = 0; j < W; ++j) p[j] = T::from_f(in[j]);
+  }
+}
+
+__device__ __forceinline__ bool aligned16(const void *p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
 // ---------------------------------------------------------------- reductions
 // Butterfly warp sum, then warp 0 sums the per-warp values: a fixed order, so
 // the result does not depend on scheduling. blockDim.x must be a multiple of 32.
@@ -210,6 +258,13 @@ constexpr int kMaxGridY = 65535;
 // SM count of the current device, cached per device (cudaDeviceGetAttribute
 // costs a driver call). Returns a CUDA error code, 0 on success.
 cudaError_t sm_count(int *out);
+
+// The fixed partition of the reductions (the same on every GPU and MIG slice):
+// rel_l1_partials sums chunks of kChunkPacks packs per thread of a kThreads
+// block, the indicator chunks of kRowsPerChunk rows; one fp32 pair per chunk,
+// added in chunk order. Only how many blocks share the chunks follows the SM count.
+constexpr int kChunkPacks = 4;
+constexpr int kRowsPerChunk = 4;
 
 // Blocks per sample so that the whole grid fills the device about once.
 inline int64_t blocks_per_sample(int sms, int64_t batch, int64_t work_blocks) {
