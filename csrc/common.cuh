@@ -250,6 +250,43 @@ __device__ __forceinline__ float block_sum(float v) {
   return block_sum2(make_float2(v, 0.f)).x;
 }
 
+// ---------------------------------------------------------------- stage 2
+// Output o = the sum of its `per_output` consecutive workspace pairs, by one
+// block, in a fixed order. L2 loads (__ldcg): the pairs may come from other
+// blocks of the same launch (the fused path below).
+__device__ __forceinline__ void finish_output(const float *ws, float *partials, int64_t o,
+                                              int64_t per_output) {
+  const float *src = ws + o * per_output * 2;
+  float2 acc = make_float2(0.f, 0.f);
+  for (int64_t i = threadIdx.x; i < per_output; i += blockDim.x) {
+    acc.x += __ldcg(src + 2 * i);
+    acc.y += __ldcg(src + 2 * i + 1);
+  }
+  acc = block_sum2(acc);
+  if (threadIdx.x == 0) {
+    partials[2 * o] = acc.x;
+    partials[2 * o + 1] = acc.y;
+  }
+}
+
+// One launch per reduction: after writing its pairs, each block takes an
+// integer ticket; the block that takes the last one adds every output's pairs
+// (finish_output, the order of finish_partials_kernel: the same bits) and
+// resets the ticket for the next launch. No float atomics.
+__device__ __forceinline__ void finish_in_last_block(const float *ws, float *partials,
+                                                     int64_t outputs, int64_t per_output,
+                                                     unsigned *ticket) {
+  __shared__ unsigned last;
+  __threadfence();  // this block's pairs are visible to the whole device before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == gridDim.x * gridDim.y - 1u;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int64_t o = 0; o < outputs; ++o) finish_output(ws, partials, o, per_output);
+  if (threadIdx.x == 0) *ticket = 0u;
+}
+
 // ---------------------------------------------------------------- host side
 constexpr int kThreads = 256;   // elementwise and reduction blocks
 constexpr int kBlocksPerSm = 8; // resident 256-thread blocks per SM we aim for
@@ -265,6 +302,17 @@ cudaError_t sm_count(int *out);
 // added in chunk order. Only how many blocks share the chunks follows the SM count.
 constexpr int kChunkPacks = 4;
 constexpr int kRowsPerChunk = 4;
+// Up to this many outputs the last block of the launch finishes the sums (one
+// launch); more (a large per-sample batch) take the finishing kernel, whose
+// blocks share the outputs.
+constexpr int64_t kFusedOutputs = 64;
+
+// The workspace: one 32-bit ticket word (zero before the first call; every
+// call leaves it zero), then `pairs` fp32 pairs. The ticket comes first, so a
+// workspace sized for a larger shape serves any smaller one as is.
+inline int64_t workspace_floats_for(int64_t pairs) { return 1 + pairs * 2; }
+inline unsigned *ticket_of(float *workspace) { return reinterpret_cast<unsigned *>(workspace); }
+inline float *pairs_of(float *workspace) { return workspace + 1; }
 
 // Blocks per sample so that the whole grid fills the device about once.
 inline int64_t blocks_per_sample(int sms, int64_t batch, int64_t work_blocks) {

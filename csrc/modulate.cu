@@ -23,7 +23,9 @@ __global__ void modulate_rows_kernel(const typename T::storage *__restrict__ x,
                                      int64_t shift_stride,
                                      typename T::storage *__restrict__ out,  // prev if INDICATOR
                                      float *__restrict__ ws, int64_t batch, int64_t rows,
-                                     int64_t cols, int norm, float eps) {
+                                     int64_t cols, int norm, float eps,
+                                     float *__restrict__ partials, int64_t outputs,
+                                     int64_t per_output, unsigned *__restrict__ ticket) {
   constexpr int VEC = vec_of<T>();
   const int64_t nchunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   const float fcols = static_cast<float>(cols);
@@ -116,6 +118,9 @@ __global__ void modulate_rows_kernel(const typename T::storage *__restrict__ x,
       }
     }
   }
+  if constexpr (INDICATOR) {
+    if (ticket != nullptr) finish_in_last_block(ws, partials, outputs, per_output, ticket);  // fused
+  }
 }
 
 int64_t row_chunks(int64_t rows) { return ceil_div(rows, kRowsPerChunk); }
@@ -130,6 +135,9 @@ struct RowArgs {
   void *out;
   float *ws;
   int64_t batch, rows, cols;
+  float *partials;  // the fused finish (INDICATOR with a ticket)
+  int64_t outputs, per_output;
+  unsigned *ticket;
   tcf_dtype dtype, param_dtype;
   int norm;
   float eps;
@@ -143,7 +151,8 @@ void launch_rows(const RowArgs &a, int64_t nblk, cudaStream_t stream) {
       static_cast<const typename T::storage *>(a.x),
       static_cast<const typename P::storage *>(a.scale), a.scale_stride,
       static_cast<const typename P::storage *>(a.shift), a.shift_stride,
-      static_cast<typename T::storage *>(a.out), a.ws, a.batch, a.rows, a.cols, a.norm, a.eps);
+      static_cast<typename T::storage *>(a.out), a.ws, a.batch, a.rows, a.cols, a.norm, a.eps,
+      a.partials, a.outputs, a.per_output, a.ticket);
 }
 
 // scale/shift are either in x's dtype or fp32 (an exact upcast of any dtype).
@@ -199,7 +208,7 @@ extern "C" tcf_status tcf_modulated_rel_l1_workspace_size(int64_t batch, int64_t
     *floats = 0;
     return ok();
   }
-  *floats = static_cast<size_t>(batch * row_chunks(rows) * 2);
+  *floats = static_cast<size_t>(workspace_floats_for(batch * row_chunks(rows)));
   return ok();
 }
 
@@ -210,7 +219,7 @@ extern "C" tcf_status tcf_modulate(const void *x, const void *scale, int64_t sca
                                    cudaStream_t stream) {
   const char *op = "tcf_modulate";
   const RowArgs a{x, scale, shift, scale_batch_stride, shift_batch_stride, out, nullptr,
-                  batch, rows, cols, dtype, param_dtype, norm, eps};
+                  batch, rows, cols, nullptr, 0, 0, nullptr, dtype, param_dtype, norm, eps};
   const tcf_status st = check_rows(op, a, false);
   if (st != TCF_SUCCESS || batch * rows * cols == 0) return st;
   int sms = 0;
@@ -229,8 +238,8 @@ extern "C" tcf_status tcf_modulated_rel_l1(const void *x, const void *scale,
                                            float *workspace, size_t workspace_floats,
                                            cudaStream_t stream) {
   const char *op = "tcf_modulated_rel_l1";
-  const RowArgs a{x, scale, shift, scale_batch_stride, shift_batch_stride, prev, workspace,
-                  batch, rows, cols, dtype, param_dtype, norm, eps};
+  RowArgs a{x, scale, shift, scale_batch_stride, shift_batch_stride, prev, nullptr,
+            batch, rows, cols, partials, 0, 0, nullptr, dtype, param_dtype, norm, eps};
   tcf_status st = check_rows(op, a, true);
   if (st != TCF_SUCCESS) return st;
   const int64_t outputs = per_sample ? batch : 1;
@@ -245,12 +254,17 @@ extern "C" tcf_status tcf_modulated_rel_l1(const void *x, const void *scale,
   const cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return cuda_fail(op, err);
   const int64_t nchunks = row_chunks(rows);
-  if (workspace_floats < static_cast<size_t>(batch * nchunks * 2))
+  const int64_t need = workspace_floats_for(batch * nchunks);
+  if (workspace_floats < static_cast<size_t>(need))
     return fail(TCF_ERROR_INVALID_VALUE,
                 "%s: workspace holds %zu floats, needs %lld (ask tcf_modulated_rel_l1_workspace_size)",
-                op, workspace_floats, (long long)(batch * nchunks * 2));
+                op, workspace_floats, (long long)need);
+  a.ws = pairs_of(workspace);
+  a.outputs = outputs;
+  a.per_output = per_sample ? nchunks : batch * nchunks;
+  a.ticket = outputs <= kFusedOutputs ? ticket_of(workspace) : nullptr;
   dispatch_rows<true>(a, row_blocks(sms, batch, rows), stream);
   st = check_launch(op);
-  if (st != TCF_SUCCESS) return st;
-  return finish_partials(op, workspace, partials, outputs, per_sample ? nchunks : batch * nchunks, stream);
+  if (st != TCF_SUCCESS || a.ticket != nullptr) return st;
+  return finish_partials(op, pairs_of(workspace), partials, outputs, a.per_output, stream);
 }

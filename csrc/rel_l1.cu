@@ -11,19 +11,7 @@ namespace {
 // Stage 2: output o = sum of its `per_output` consecutive workspace pairs.
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) finish_partials_kernel(const float *__restrict__ ws, float *__restrict__ partials,
                                        int64_t outputs, int64_t per_output) {
-  for (int64_t o = blockIdx.x; o < outputs; o += gridDim.x) {
-    const float *src = ws + o * per_output * 2;
-    float2 acc = make_float2(0.f, 0.f);
-    for (int64_t i = threadIdx.x; i < per_output; i += blockDim.x) {
-      acc.x += src[2 * i];
-      acc.y += src[2 * i + 1];
-    }
-    acc = block_sum2(acc);
-    if (threadIdx.x == 0) {
-      partials[2 * o] = acc.x;
-      partials[2 * o + 1] = acc.y;
-    }
-  }
+  for (int64_t o = blockIdx.x; o < outputs; o += gridDim.x) finish_output(ws, partials, o, per_output);
 }
 
 // Stage 1: chunks of kChunkPacks * kThreads packs of each sample (y); block x
@@ -32,7 +20,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) finish_partials_kernel
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) rel_l1_kernel(const typename T::storage *__restrict__ cur,
                               const typename T::storage *__restrict__ prev,
-                              float *__restrict__ ws, int64_t batch, int64_t len) {
+                              float *__restrict__ ws, int64_t batch, int64_t len,
+                              float *__restrict__ partials, int64_t outputs, int64_t per_output,
+                              unsigned *__restrict__ ticket) {
   constexpr int VEC = vec_of<T>();
   constexpr int64_t kChunk = static_cast<int64_t>(kChunkPacks) * kThreads * VEC;
   const int64_t nchunks = (len + kChunk - 1) / kChunk;
@@ -63,6 +53,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) rel_l1_kernel(const ty
       }
     }
   }
+  if (ticket != nullptr) finish_in_last_block(ws, partials, outputs, per_output, ticket);  // fused
 }
 
 // Chunks per sample: the partition, a function of the shape and dtype only.
@@ -96,7 +87,7 @@ extern "C" tcf_status tcf_rel_l1_workspace_size(int64_t batch, int64_t len, tcf_
     *floats = 0;
     return ok();
   }
-  *floats = static_cast<size_t>(batch * rel_l1_chunks(len, dtype) * 2);
+  *floats = static_cast<size_t>(workspace_floats_for(batch * rel_l1_chunks(len, dtype)));
   return ok();
 }
 
@@ -126,17 +117,21 @@ extern "C" tcf_status tcf_rel_l1_partials(const void *cur, const void *prev, flo
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return cuda_fail(op, err);
   const int64_t nchunks = rel_l1_chunks(len, dtype);
-  if (workspace_floats < static_cast<size_t>(batch * nchunks * 2))
+  const int64_t need = workspace_floats_for(batch * nchunks);
+  if (workspace_floats < static_cast<size_t>(need))
     return fail(TCF_ERROR_INVALID_VALUE,
                 "%s: workspace holds %zu floats, needs %lld (ask tcf_rel_l1_workspace_size)", op,
-                workspace_floats, (long long)(batch * nchunks * 2));
+                workspace_floats, (long long)need);
+  const int64_t per_output = per_sample ? nchunks : batch * nchunks;
+  unsigned *ticket = outputs <= kFusedOutputs ? ticket_of(workspace) : nullptr;
   const int64_t nblk = blocks_per_sample(sms, batch, nchunks);
   const dim3 grid(static_cast<unsigned>(nblk), grid_y(batch));
   TCF_DISPATCH(dtype, T,
                TCF_LAUNCH(rel_l1_kernel<T>, grid, kThreads, 0, stream)(
                    static_cast<const typename T::storage *>(cur),
-                   static_cast<const typename T::storage *>(prev), workspace, batch, len));
+                   static_cast<const typename T::storage *>(prev), pairs_of(workspace), batch, len, partials,
+                   outputs, per_output, ticket));
   const tcf_status st = check_launch(op);
-  if (st != TCF_SUCCESS) return st;
-  return finish_partials(op, workspace, partials, outputs, per_sample ? nchunks : batch * nchunks, stream);
+  if (st != TCF_SUCCESS || ticket != nullptr) return st;
+  return finish_partials(op, pairs_of(workspace), partials, outputs, per_output, stream);
 }

@@ -65,7 +65,13 @@ const char *tcf_status_string(tcf_status status);
  * runtime this library was built with, no kernel image for this GPU, ...). */
 tcf_status tcf_device_check(void);
 
-/* Floats of scratch the two-stage reductions need (the same on every device). */
+/* Floats of scratch the reductions need (the same on every device): one 32-bit
+ * ticket word, then fp32 pairs. The ticket (the first word) must be zero before
+ * a workspace's first use (cudaMemset it once); every call leaves it zero, so a
+ * workspace is reused as is, for any shape it is large enough for, by one
+ * stream at a time.
+ * With at most 64 outputs a reduction is one launch (the last block finishes
+ * the sums), else two. */
 tcf_status tcf_rel_l1_workspace_size(int64_t batch, int64_t len, tcf_dtype dtype,
                                      size_t *floats);
 tcf_status tcf_modulated_rel_l1_workspace_size(int64_t batch, int64_t rows, int64_t cols,

@@ -124,7 +124,9 @@ class Emu:
     def _ws(self, fn, *dims):
         n = _SZ()
         self.call(fn, *dims, ctypes.byref(n))
-        return torch.full((max(n.value, 1),), float("nan")), n.value
+        ws = torch.full((max(n.value, 1),), float("nan"))
+        ws[0] = 0.0  # the ticket word starts at 0 (and every call leaves it there)
+        return ws, n.value
 
     # ---------------------------------------------------------------- the ops
     @staticmethod
@@ -754,6 +756,46 @@ def test_misaligned_rows_give_the_bits_of_aligned_ones(emu, dtype):
         for g, w, name in zip(got, want, ("indicator", "modulate", "rel_l1")):
             _assert_bits(g, w, f"{name} with offsets {(sx, sp, ss)}")
         _assert_bits(ps, aligned_prev, f"new prev with offsets {(sx, sp, ss)}")
+
+
+def test_one_launch_per_reduction_and_the_ticket_is_reset(emu):
+    """Up to 64 outputs the last block finishes the sums: one launch per reduction, a
+    whole decision (indicator + decide) in two; the ticket word is 0 after every call
+    (the next call reuses the workspace as is); more outputs take the finishing kernel
+    and give the same bits per sample."""
+    B, R, C, L = 3, 9, 1003, 9001
+    x, prev = _rand((B, R, C), torch.bfloat16, 71, 2.0), _rand((B, R, C), torch.bfloat16, 72)
+    scale, shift = _params(B, C, torch.bfloat16, 73, "bc"), _params(B, C, torch.bfloat16, 74, "bc")
+    cur, old = _rand((B, L), torch.float16, 75), _rand((B, L), torch.float16, 76)
+    for per_sample in (False, True):
+        before = emu.counters()[0]
+        p = emu.modulated_rel_l1_(x, scale, shift, prev.clone(), "layer", per_sample)
+        q = emu.rel_l1_partials(cur, old, per_sample)
+        assert emu.counters()[0] - before == 2, "one launch per reduction"
+        _check_partials(q, cur, old, per_sample)
+        assert torch.isfinite(p).all()
+    before = emu.counters()[0]
+    p = emu.modulated_rel_l1_(x, scale, shift, prev.clone(), "layer", True)
+    emu.teacache_decide_(p, torch.zeros(B, 2), [1.0, 0.5, 0.0], 0.3, None, -1)
+    assert emu.counters()[0] - before == 2, "indicator + decide"
+    for fn, dims in (("tcf_rel_l1_workspace_size", (B, L, CODES[torch.float16])),
+                     ("tcf_modulated_rel_l1_workspace_size", (B, R, C, CODES[torch.bfloat16]))):
+        ws, n = emu._ws(fn, *dims)
+        if fn.startswith("tcf_rel"):
+            out = torch.full((B, 2), float("nan"))
+            for _ in range(2):  # the same workspace twice: the ticket was reset
+                emu.call("tcf_rel_l1_partials", cur.data_ptr(), old.data_ptr(), out.data_ptr(), B, L,
+                         CODES[torch.float16], 1, ws.data_ptr(), n, None)
+                assert ws[:1].view(torch.int32).item() == 0
+                _assert_bits(out, q)
+    # 70 samples: two launches, and each sample's bits are those of a fused call on it alone
+    big_x, big_prev = _rand((70, 2, 257), torch.float32, 77), _rand((70, 2, 257), torch.float32, 78)
+    before = emu.counters()[0]
+    big = emu.modulated_rel_l1_(big_x, None, None, big_prev.clone(), "rms", True)
+    assert emu.counters()[0] - before == 2
+    for b in (0, 41, 69):
+        one = emu.modulated_rel_l1_(big_x[b:b + 1].clone(), None, None, big_prev[b:b + 1].clone(), "rms", True)
+        _assert_bits(one[0], big[b], f"sample {b}")
 
 
 # --------------------------------------------------------------------------- the C API around the kernels
