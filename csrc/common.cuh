@@ -168,6 +168,54 @@ __device__ __forceinline__ void for_each(const RowSplit &s, int64_t n, int64_t t
     f(k < s.head ? k : tail0 + (k - s.head), std::integral_constant<int, 1>{});
 }
 
+// ---------------------------------------------------------------- fixed-order rows
+// What the reductions use, so that a sum's bits depend on the input alone: pack
+// k of a row of n elements is [k * VEC, k * VEC + VEC); thread `tid` of
+// `nthreads` owns packs tid, tid + nthreads, ... and then the tail elements
+// n - n % VEC + tid, ... one each. `aligned` (every pointer of the row 16-byte
+// aligned at element 0) only picks 128-bit or scalar loads of the same elements
+// in the same order. Calls f(i, std::integral_constant<int, W>, std::bool_constant<A>)
+// with A = vector access allowed.
+template <int VEC, typename F>
+__device__ __forceinline__ void for_each_fixed(int64_t n, int64_t tid, int64_t nthreads, bool aligned,
+                                               F &&f) {
+  const int64_t npacks = n / VEC;
+  if (aligned) {
+    for (int64_t k = tid; k < npacks; k += nthreads)
+      f(k * VEC, std::integral_constant<int, VEC>{}, std::true_type{});
+  } else {
+    for (int64_t k = tid; k < npacks; k += nthreads)
+      f(k * VEC, std::integral_constant<int, VEC>{}, std::false_type{});
+  }
+  for (int64_t i = npacks * VEC + tid; i < n; i += nthreads)
+    f(i, std::integral_constant<int, 1>{}, std::true_type{});
+}
+
+// load/store of W elements: one pack when A, else W scalar accesses.
+template <typename T, int W, bool A>
+__device__ __forceinline__ void load_as(const typename T::storage *p, float (&out)[W]) {
+  if constexpr (A) {
+    load<T, W>(p, out);
+  } else {
+#pragma unroll
+    for (int j = 0; j < W; ++j) out[j] = T::to_f(p[j]);
+  }
+}
+
+template <typename T, int W, bool A>
+__device__ __forceinline__ void store_as(typename T::storage *p, const float (&in)[W]) {
+  if constexpr (A) {
+    store<T, W>(p, in);
+  } else {
+#pragma unroll
+    for (int j = 0; j < W; ++j) p[j] = T::from_f(in[j]);
+  }
+}
+
+__device__ __forceinline__ bool aligned16(const void *p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
 // ---------------------------------------------------------------- reductions
 // Butterfly warp sum, then warp 0 sums the per-warp values: a fixed order, so
 // the result does not depend on scheduling. blockDim.x must be a multiple of 32.
@@ -202,6 +250,43 @@ __device__ __forceinline__ float block_sum(float v) {
   return block_sum2(make_float2(v, 0.f)).x;
 }
 
+// ---------------------------------------------------------------- stage 2
+// Output o = the sum of its `per_output` consecutive workspace pairs, by one
+// block, in a fixed order. L2 loads (__ldcg): the pairs may come from other
+// blocks of the same launch (the fused path below).
+__device__ __forceinline__ void finish_output(const float *ws, float *partials, int64_t o,
+                                              int64_t per_output) {
+  const float *src = ws + o * per_output * 2;
+  float2 acc = make_float2(0.f, 0.f);
+  for (int64_t i = threadIdx.x; i < per_output; i += blockDim.x) {
+    acc.x += __ldcg(src + 2 * i);
+    acc.y += __ldcg(src + 2 * i + 1);
+  }
+  acc = block_sum2(acc);
+  if (threadIdx.x == 0) {
+    partials[2 * o] = acc.x;
+    partials[2 * o + 1] = acc.y;
+  }
+}
+
+// One launch per reduction: after writing its pairs, each block takes an
+// integer ticket; the block that takes the last one adds every output's pairs
+// (finish_output, the order of finish_partials_kernel: the same bits) and
+// resets the ticket for the next launch. No float atomics.
+__device__ __forceinline__ void finish_in_last_block(const float *ws, float *partials,
+                                                     int64_t outputs, int64_t per_output,
+                                                     unsigned *ticket) {
+  __shared__ unsigned last;
+  __threadfence();  // this block's pairs are visible to the whole device before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == gridDim.x * gridDim.y - 1u;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int64_t o = 0; o < outputs; ++o) finish_output(ws, partials, o, per_output);
+  if (threadIdx.x == 0) *ticket = 0u;
+}
+
 // ---------------------------------------------------------------- host side
 constexpr int kThreads = 256;   // elementwise and reduction blocks
 constexpr int kBlocksPerSm = 8; // resident 256-thread blocks per SM we aim for
@@ -210,6 +295,24 @@ constexpr int kMaxGridY = 65535;
 // SM count of the current device, cached per device (cudaDeviceGetAttribute
 // costs a driver call). Returns a CUDA error code, 0 on success.
 cudaError_t sm_count(int *out);
+
+// The fixed partition of the reductions (the same on every GPU and MIG slice):
+// rel_l1_partials sums chunks of kChunkPacks packs per thread of a kThreads
+// block, the indicator chunks of kRowsPerChunk rows; one fp32 pair per chunk,
+// added in chunk order. Only how many blocks share the chunks follows the SM count.
+constexpr int kChunkPacks = 4;
+constexpr int kRowsPerChunk = 4;
+// Up to this many outputs the last block of the launch finishes the sums (one
+// launch); more (a large per-sample batch) take the finishing kernel, whose
+// blocks share the outputs.
+constexpr int64_t kFusedOutputs = 64;
+
+// The workspace: one 32-bit ticket word (zero before the first call; every
+// call leaves it zero), then `pairs` fp32 pairs. The ticket comes first, so a
+// workspace sized for a larger shape serves any smaller one as is.
+inline int64_t workspace_floats_for(int64_t pairs) { return 1 + pairs * 2; }
+inline unsigned *ticket_of(float *workspace) { return reinterpret_cast<unsigned *>(workspace); }
+inline float *pairs_of(float *workspace) { return workspace + 1; }
 
 // Blocks per sample so that the whole grid fills the device about once.
 inline int64_t blocks_per_sample(int sms, int64_t batch, int64_t work_blocks) {

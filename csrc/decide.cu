@@ -10,12 +10,15 @@
 namespace tcf {
 namespace {
 
+// Highest power first, left-padded with zeros to TCF_MAX_COEFFICIENTS: the
+// Horner loop then has a compile-time trip count, unrolls, and keeps every
+// coefficient in the constant bank (no stack frame). Each leading zero step is
+// p = 0 * r + 0 = +0 (r is finite), so the padding changes no bit.
 struct Poly {
-  float c[TCF_MAX_COEFFICIENTS];  // highest power first
-  int n;
+  float c[TCF_MAX_COEFFICIENTS];
 };
 
-__global__ void decide_kernel(const float *__restrict__ partials, float *__restrict__ state,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) decide_kernel(const float *__restrict__ partials, float *__restrict__ state,
                               Poly poly, float threshold, bool never_skip,
                               const uint8_t *__restrict__ force, int64_t max_skips,
                               bool accumulate_abs, uint8_t *__restrict__ compute, int64_t count) {
@@ -27,7 +30,8 @@ __global__ void decide_kernel(const float *__restrict__ partials, float *__restr
     const bool valid = isfinite(num) && isfinite(den) && den != 0.f && isfinite(rel);
     const float r = valid ? rel : 0.f;
     float p = 0.f;
-    for (int k = 0; k < poly.n; ++k) p = __fadd_rn(__fmul_rn(p, r), poly.c[k]);
+#pragma unroll
+    for (int k = 0; k < TCF_MAX_COEFFICIENTS; ++k) p = __fadd_rn(__fmul_rn(p, r), poly.c[k]);
     if (accumulate_abs) p = fabsf(p);
     const float new_acc = __fadd_rn(acc, p);
     bool go = (force != nullptr && force[i] != 0) || !valid || !isfinite(new_acc) ||
@@ -57,12 +61,12 @@ extern "C" tcf_status tcf_teacache_decide(const float *partials, float *state,
     return fail(bad, "%s: num_coefficients must be 1..%d, got %d", op, TCF_MAX_COEFFICIENTS,
                 num_coefficients);
   if (coefficients == nullptr) return fail(bad, "%s: coefficients must not be NULL", op);
-  Poly poly{};
-  poly.n = num_coefficients;
+  Poly poly{};  // zeros
+  const int pad = TCF_MAX_COEFFICIENTS - num_coefficients;
   for (int k = 0; k < num_coefficients; ++k) {
     if (!std::isfinite(coefficients[k]))
       return fail(bad, "%s: coefficients[%d] must be finite, got %g", op, k, (double)coefficients[k]);
-    poly.c[k] = coefficients[k];
+    poly.c[pad + k] = coefficients[k];
   }
   if (!std::isfinite(threshold))
     return fail(bad, "%s: threshold must be finite, got %g", op, threshold);

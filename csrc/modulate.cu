@@ -4,9 +4,10 @@
 // |m - prev| and |prev| (m rounded to prev's dtype, i.e. what is stored) into
 // per-block partials, and writes m into prev: one pass over x and prev.
 //
-// A block owns whole rows (LayerNorm/RMSNorm statistics need the full row);
-// the statistics passes re-read the row, which is then still in L1/L2, so
-// DRAM sees x once.
+// A block owns whole rows (LayerNorm/RMSNorm statistics need the full row), a
+// chunk of kRowsPerChunk rows at a time; the statistics passes re-read the row,
+// which is then still in L1/L2, so DRAM sees x once. Element ownership within
+// a row is fixed (for_each_fixed), so no bit depends on alignment or SM count.
 #include <cmath>
 
 #include "common.cuh"
@@ -22,102 +23,110 @@ __global__ void modulate_rows_kernel(const typename T::storage *__restrict__ x,
                                      int64_t shift_stride,
                                      typename T::storage *__restrict__ out,  // prev if INDICATOR
                                      float *__restrict__ ws, int64_t batch, int64_t rows,
-                                     int64_t cols, int norm, float eps) {
+                                     int64_t cols, int norm, float eps,
+                                     float *__restrict__ partials, int64_t outputs,
+                                     int64_t per_output, unsigned *__restrict__ ticket) {
   constexpr int VEC = vec_of<T>();
-  const int64_t nblk = gridDim.x;
+  const int64_t nchunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   const float fcols = static_cast<float>(cols);
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
     const typename P::storage *sc = scale ? scale + b * scale_stride : nullptr;
     const typename P::storage *sh = shift ? shift + b * shift_stride : nullptr;
-    float2 acc = make_float2(0.f, 0.f);
-    for (int64_t r = blockIdx.x; r < rows; r += nblk) {
-      const typename T::storage *xr = x + (b * rows + r) * cols;
-      typename T::storage *outr = out + (b * rows + r) * cols;
-      RowSplit s = split_row<T>(xr, cols);
-      if (!pack_aligned<T, VEC>(outr + s.head) || (sc && !pack_aligned<P, VEC>(sc + s.head)) ||
-          (sh && !pack_aligned<P, VEC>(sh + s.head)))
-        s = scalar_row(cols);
+    for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
+      float2 acc = make_float2(0.f, 0.f);
+      const int64_t r_end = (c + 1) * kRowsPerChunk < rows ? (c + 1) * kRowsPerChunk : rows;
+      for (int64_t r = c * kRowsPerChunk; r < r_end; ++r) {
+        const typename T::storage *xr = x + (b * rows + r) * cols;
+        typename T::storage *outr = out + (b * rows + r) * cols;
+        const bool aligned = aligned16(xr) && aligned16(outr) && aligned16(sc) && aligned16(sh);
 
-      // (x - mean) * rstd covers all three norms exactly: none has mean 0 and
-      // rstd 1, RMSNorm has mean 0.
-      float mean = 0.f, rstd = 1.f;
-      if (norm == TCF_NORM_LAYER) {
-        float sum = 0.f;
-        for_each<VEC>(s, cols, threadIdx.x, blockDim.x, [&](int64_t i, auto w) {
-          constexpr int W = decltype(w)::value;
-          float v[W];
-          load<T, W>(xr + i, v);
+        // (x - mean) * rstd covers all three norms exactly: none has mean 0 and
+        // rstd 1, RMSNorm has mean 0.
+        float mean = 0.f, rstd = 1.f;
+        if (norm == TCF_NORM_LAYER) {
+          float sum = 0.f;
+          for_each_fixed<VEC>(cols, threadIdx.x, blockDim.x, aligned, [&](int64_t i, auto w, auto a) {
+            constexpr int W = decltype(w)::value;
+            float v[W];
+            load_as<T, W, decltype(a)::value>(xr + i, v);
 #pragma unroll
-          for (int j = 0; j < W; ++j) sum += v[j];
-        });
-        mean = block_sum(sum) / fcols;
-        float sq = 0.f;
-        for_each<VEC>(s, cols, threadIdx.x, blockDim.x, [&](int64_t i, auto w) {
-          constexpr int W = decltype(w)::value;
-          float v[W];
-          load<T, W>(xr + i, v);
+            for (int j = 0; j < W; ++j) sum += v[j];
+          });
+          mean = block_sum(sum) / fcols;
+          float sq = 0.f;
+          for_each_fixed<VEC>(cols, threadIdx.x, blockDim.x, aligned, [&](int64_t i, auto w, auto a) {
+            constexpr int W = decltype(w)::value;
+            float v[W];
+            load_as<T, W, decltype(a)::value>(xr + i, v);
 #pragma unroll
-          for (int j = 0; j < W; ++j) sq += (v[j] - mean) * (v[j] - mean);
-        });
-        rstd = 1.0f / sqrtf(block_sum(sq) / fcols + eps);
-      } else if (norm == TCF_NORM_RMS) {
-        float sq = 0.f;
-        for_each<VEC>(s, cols, threadIdx.x, blockDim.x, [&](int64_t i, auto w) {
-          constexpr int W = decltype(w)::value;
-          float v[W];
-          load<T, W>(xr + i, v);
+            for (int j = 0; j < W; ++j) sq += (v[j] - mean) * (v[j] - mean);
+          });
+          rstd = 1.0f / sqrtf(block_sum(sq) / fcols + eps);
+        } else if (norm == TCF_NORM_RMS) {
+          float sq = 0.f;
+          for_each_fixed<VEC>(cols, threadIdx.x, blockDim.x, aligned, [&](int64_t i, auto w, auto a) {
+            constexpr int W = decltype(w)::value;
+            float v[W];
+            load_as<T, W, decltype(a)::value>(xr + i, v);
 #pragma unroll
-          for (int j = 0; j < W; ++j) sq += v[j] * v[j];
-        });
-        rstd = 1.0f / sqrtf(block_sum(sq) / fcols + eps);
-      }
-      // rstd > 0 for every finite variance: 0 means the sum of squares overflowed
-      // (|x| >~ 1.8e19), NaN a NaN input. Poison m so the indicator computes.
-      if (!(rstd > 0.f)) rstd = NAN;
+            for (int j = 0; j < W; ++j) sq += v[j] * v[j];
+          });
+          rstd = 1.0f / sqrtf(block_sum(sq) / fcols + eps);
+        }
+        // rstd > 0 for every finite variance: 0 means the sum of squares overflowed
+        // (|x| >~ 1.8e19), NaN a NaN input. Poison m so the indicator computes.
+        if (!(rstd > 0.f)) rstd = NAN;
 
-      for_each<VEC>(s, cols, threadIdx.x, blockDim.x, [&](int64_t i, auto w) {
-        constexpr int W = decltype(w)::value;
-        float m[W];
-        load<T, W>(xr + i, m);
+        for_each_fixed<VEC>(cols, threadIdx.x, blockDim.x, aligned, [&](int64_t i, auto w, auto a) {
+          constexpr int W = decltype(w)::value;
+          constexpr bool A = decltype(a)::value;
+          float m[W];
+          load_as<T, W, A>(xr + i, m);
 #pragma unroll
-        for (int j = 0; j < W; ++j) m[j] = __fmul_rn(__fsub_rn(m[j], mean), rstd);
-        if (sc) {  // separate rounded mul/add, as the reference: m * (1 + scale) + shift
-          float sv[W];
-          load<P, W>(sc + i, sv);
+          for (int j = 0; j < W; ++j) m[j] = __fmul_rn(__fsub_rn(m[j], mean), rstd);
+          if (sc) {  // separate rounded mul/add, as the reference: m * (1 + scale) + shift
+            float sv[W];
+            load_as<P, W, A>(sc + i, sv);
 #pragma unroll
-          for (int j = 0; j < W; ++j) m[j] = __fmul_rn(m[j], __fadd_rn(1.0f, sv[j]));
-        }
-        if (sh) {
-          float tv[W];
-          load<P, W>(sh + i, tv);
-#pragma unroll
-          for (int j = 0; j < W; ++j) m[j] = __fadd_rn(m[j], tv[j]);
-        }
-        if constexpr (INDICATOR) {
-          float pv[W];
-          load<T, W>(outr + i, pv);
-#pragma unroll
-          for (int j = 0; j < W; ++j) {
-            m[j] = T::to_f(T::from_f(m[j]));  // compare what gets stored
-            acc.x += fabsf(m[j] - pv[j]);
-            acc.y += fabsf(pv[j]);
+            for (int j = 0; j < W; ++j) m[j] = __fmul_rn(m[j], __fadd_rn(1.0f, sv[j]));
           }
+          if (sh) {
+            float tv[W];
+            load_as<P, W, A>(sh + i, tv);
+#pragma unroll
+            for (int j = 0; j < W; ++j) m[j] = __fadd_rn(m[j], tv[j]);
+          }
+          if constexpr (INDICATOR) {
+            float pv[W];
+            load_as<T, W, A>(outr + i, pv);
+#pragma unroll
+            for (int j = 0; j < W; ++j) {
+              m[j] = T::to_f(T::from_f(m[j]));  // compare what gets stored
+              acc.x += fabsf(m[j] - pv[j]);
+              acc.y += fabsf(pv[j]);
+            }
+          }
+          store_as<T, W, A>(outr + i, m);
+        });
+      }
+      if constexpr (INDICATOR) {  // one pair per chunk of rows: the fixed partition
+        acc = block_sum2(acc);
+        if (threadIdx.x == 0) {
+          ws[(b * nchunks + c) * 2] = acc.x;
+          ws[(b * nchunks + c) * 2 + 1] = acc.y;
         }
-        store<T, W>(outr + i, m);
-      });
-    }
-    if constexpr (INDICATOR) {
-      acc = block_sum2(acc);
-      if (threadIdx.x == 0) {
-        ws[(b * nblk + blockIdx.x) * 2] = acc.x;
-        ws[(b * nblk + blockIdx.x) * 2 + 1] = acc.y;
       }
     }
   }
+  if constexpr (INDICATOR) {
+    if (ticket != nullptr) finish_in_last_block(ws, partials, outputs, per_output, ticket);  // fused
+  }
 }
 
+int64_t row_chunks(int64_t rows) { return ceil_div(rows, kRowsPerChunk); }
+
 int64_t row_blocks(int sms, int64_t batch, int64_t rows) {
-  return blocks_per_sample(sms, batch, rows);
+  return blocks_per_sample(sms, batch, row_chunks(rows));
 }
 
 struct RowArgs {
@@ -126,6 +135,9 @@ struct RowArgs {
   void *out;
   float *ws;
   int64_t batch, rows, cols;
+  float *partials;  // the fused finish (INDICATOR with a ticket)
+  int64_t outputs, per_output;
+  unsigned *ticket;
   tcf_dtype dtype, param_dtype;
   int norm;
   float eps;
@@ -139,7 +151,8 @@ void launch_rows(const RowArgs &a, int64_t nblk, cudaStream_t stream) {
       static_cast<const typename T::storage *>(a.x),
       static_cast<const typename P::storage *>(a.scale), a.scale_stride,
       static_cast<const typename P::storage *>(a.shift), a.shift_stride,
-      static_cast<typename T::storage *>(a.out), a.ws, a.batch, a.rows, a.cols, a.norm, a.eps);
+      static_cast<typename T::storage *>(a.out), a.ws, a.batch, a.rows, a.cols, a.norm, a.eps,
+      a.partials, a.outputs, a.per_output, a.ticket);
 }
 
 // scale/shift are either in x's dtype or fp32 (an exact upcast of any dtype).
@@ -195,10 +208,7 @@ extern "C" tcf_status tcf_modulated_rel_l1_workspace_size(int64_t batch, int64_t
     *floats = 0;
     return ok();
   }
-  int sms = 0;
-  const cudaError_t err = sm_count(&sms);
-  if (err != cudaSuccess) return cuda_fail(op, err);
-  *floats = static_cast<size_t>(batch * row_blocks(sms, batch, rows) * 2);
+  *floats = static_cast<size_t>(workspace_floats_for(batch * row_chunks(rows)));
   return ok();
 }
 
@@ -209,7 +219,7 @@ extern "C" tcf_status tcf_modulate(const void *x, const void *scale, int64_t sca
                                    cudaStream_t stream) {
   const char *op = "tcf_modulate";
   const RowArgs a{x, scale, shift, scale_batch_stride, shift_batch_stride, out, nullptr,
-                  batch, rows, cols, dtype, param_dtype, norm, eps};
+                  batch, rows, cols, nullptr, 0, 0, nullptr, dtype, param_dtype, norm, eps};
   const tcf_status st = check_rows(op, a, false);
   if (st != TCF_SUCCESS || batch * rows * cols == 0) return st;
   int sms = 0;
@@ -228,8 +238,8 @@ extern "C" tcf_status tcf_modulated_rel_l1(const void *x, const void *scale,
                                            float *workspace, size_t workspace_floats,
                                            cudaStream_t stream) {
   const char *op = "tcf_modulated_rel_l1";
-  const RowArgs a{x, scale, shift, scale_batch_stride, shift_batch_stride, prev, workspace,
-                  batch, rows, cols, dtype, param_dtype, norm, eps};
+  RowArgs a{x, scale, shift, scale_batch_stride, shift_batch_stride, prev, nullptr,
+            batch, rows, cols, partials, 0, 0, nullptr, dtype, param_dtype, norm, eps};
   tcf_status st = check_rows(op, a, true);
   if (st != TCF_SUCCESS) return st;
   const int64_t outputs = per_sample ? batch : 1;
@@ -243,13 +253,18 @@ extern "C" tcf_status tcf_modulated_rel_l1(const void *x, const void *scale,
   int sms = 0;
   const cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return cuda_fail(op, err);
-  const int64_t nblk = row_blocks(sms, batch, rows);
-  if (workspace_floats < static_cast<size_t>(batch * nblk * 2))
+  const int64_t nchunks = row_chunks(rows);
+  const int64_t need = workspace_floats_for(batch * nchunks);
+  if (workspace_floats < static_cast<size_t>(need))
     return fail(TCF_ERROR_INVALID_VALUE,
                 "%s: workspace holds %zu floats, needs %lld (ask tcf_modulated_rel_l1_workspace_size)",
-                op, workspace_floats, (long long)(batch * nblk * 2));
-  dispatch_rows<true>(a, nblk, stream);
+                op, workspace_floats, (long long)need);
+  a.ws = pairs_of(workspace);
+  a.outputs = outputs;
+  a.per_output = per_sample ? nchunks : batch * nchunks;
+  a.ticket = outputs <= kFusedOutputs ? ticket_of(workspace) : nullptr;
+  dispatch_rows<true>(a, row_blocks(sms, batch, rows), stream);
   st = check_launch(op);
-  if (st != TCF_SUCCESS) return st;
-  return finish_partials(op, workspace, partials, outputs, per_sample ? nblk : batch * nblk, stream);
+  if (st != TCF_SUCCESS || a.ticket != nullptr) return st;
+  return finish_partials(op, pairs_of(workspace), partials, outputs, a.per_output, stream);
 }

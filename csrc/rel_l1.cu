@@ -1,68 +1,64 @@
 // SPDX-License-Identifier: Apache-2.0
 // rel_l1_partials: [sum |cur - prev|, sum |prev|], and the second reduction
-// stage that both indicator ops share. Stage 1 writes one fp32 pair per block;
-// stage 2 adds them in a fixed order (no atomics), so results are bitwise
-// reproducible for a given device.
+// stage that both indicator ops share. Stage 1 writes one fp32 pair per chunk
+// of a fixed partition; stage 2 adds them in a fixed order (no atomics), so
+// results are bitwise reproducible on every device.
 #include "common.cuh"
 
 namespace tcf {
 namespace {
 
 // Stage 2: output o = sum of its `per_output` consecutive workspace pairs.
-__global__ void finish_partials_kernel(const float *__restrict__ ws, float *__restrict__ partials,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) finish_partials_kernel(const float *__restrict__ ws, float *__restrict__ partials,
                                        int64_t outputs, int64_t per_output) {
-  for (int64_t o = blockIdx.x; o < outputs; o += gridDim.x) {
-    const float *src = ws + o * per_output * 2;
-    float2 acc = make_float2(0.f, 0.f);
-    for (int64_t i = threadIdx.x; i < per_output; i += blockDim.x) {
-      acc.x += src[2 * i];
-      acc.y += src[2 * i + 1];
-    }
-    acc = block_sum2(acc);
-    if (threadIdx.x == 0) {
-      partials[2 * o] = acc.x;
-      partials[2 * o + 1] = acc.y;
-    }
-  }
+  for (int64_t o = blockIdx.x; o < outputs; o += gridDim.x) finish_output(ws, partials, o, per_output);
 }
 
-// Stage 1: blocks (x) split each sample (y) of `len` elements.
+// Stage 1: chunks of kChunkPacks * kThreads packs of each sample (y); block x
+// sums chunks x, x + gridDim.x, ... and writes one pair per chunk, so neither
+// the grid size nor the pointers' alignment changes a bit of the result.
 template <typename T>
-__global__ void rel_l1_kernel(const typename T::storage *__restrict__ cur,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) rel_l1_kernel(const typename T::storage *__restrict__ cur,
                               const typename T::storage *__restrict__ prev,
-                              float *__restrict__ ws, int64_t batch, int64_t len) {
+                              float *__restrict__ ws, int64_t batch, int64_t len,
+                              float *__restrict__ partials, int64_t outputs, int64_t per_output,
+                              unsigned *__restrict__ ticket) {
   constexpr int VEC = vec_of<T>();
-  const int64_t nblk = gridDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nthreads = nblk * blockDim.x;
+  constexpr int64_t kChunk = static_cast<int64_t>(kChunkPacks) * kThreads * VEC;
+  const int64_t nchunks = (len + kChunk - 1) / kChunk;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
     const typename T::storage *c = cur + b * len;
     const typename T::storage *p = prev + b * len;
-    RowSplit s = split_row<T>(c, len);
-    if (!pack_aligned<T, VEC>(p + s.head)) s = scalar_row(len);
-    float2 acc = make_float2(0.f, 0.f);
-    for_each<VEC>(s, len, tid, nthreads, [&](int64_t i, auto w) {
-      constexpr int W = decltype(w)::value;
-      float cv[W], pv[W];
-      load<T, W>(c + i, cv);
-      load<T, W>(p + i, pv);
+    const bool aligned = aligned16(c) && aligned16(p);
+    for (int64_t k = blockIdx.x; k < nchunks; k += gridDim.x) {
+      const int64_t base = k * kChunk;
+      const int64_t n = len - base < kChunk ? len - base : kChunk;
+      float2 acc = make_float2(0.f, 0.f);
+      for_each_fixed<VEC>(n, threadIdx.x, blockDim.x, aligned, [&](int64_t i, auto w, auto a) {
+        constexpr int W = decltype(w)::value;
+        constexpr bool A = decltype(a)::value;
+        float cv[W], pv[W];
+        load_as<T, W, A>(c + base + i, cv);
+        load_as<T, W, A>(p + base + i, pv);
 #pragma unroll
-      for (int j = 0; j < W; ++j) {
-        acc.x += fabsf(cv[j] - pv[j]);
-        acc.y += fabsf(pv[j]);
+        for (int j = 0; j < W; ++j) {
+          acc.x += fabsf(cv[j] - pv[j]);
+          acc.y += fabsf(pv[j]);
+        }
+      });
+      acc = block_sum2(acc);
+      if (threadIdx.x == 0) {
+        ws[(b * nchunks + k) * 2] = acc.x;
+        ws[(b * nchunks + k) * 2 + 1] = acc.y;
       }
-    });
-    acc = block_sum2(acc);
-    if (threadIdx.x == 0) {
-      ws[(b * nblk + blockIdx.x) * 2] = acc.x;
-      ws[(b * nblk + blockIdx.x) * 2 + 1] = acc.y;
     }
   }
+  if (ticket != nullptr) finish_in_last_block(ws, partials, outputs, per_output, ticket);  // fused
 }
 
-int64_t rel_l1_blocks(int sms, int64_t batch, int64_t len, tcf_dtype dtype) {
-  const int vec = 16 / dtype_size(dtype);
-  return blocks_per_sample(sms, batch, ceil_div(ceil_div(len, vec), kThreads));
+// Chunks per sample: the partition, a function of the shape and dtype only.
+int64_t rel_l1_chunks(int64_t len, tcf_dtype dtype) {
+  return ceil_div(len, static_cast<int64_t>(kChunkPacks) * kThreads * (16 / dtype_size(dtype)));
 }
 
 }  // namespace
@@ -91,10 +87,7 @@ extern "C" tcf_status tcf_rel_l1_workspace_size(int64_t batch, int64_t len, tcf_
     *floats = 0;
     return ok();
   }
-  int sms = 0;
-  const cudaError_t err = sm_count(&sms);
-  if (err != cudaSuccess) return cuda_fail(op, err);
-  *floats = static_cast<size_t>(batch * rel_l1_blocks(sms, batch, len, dtype) * 2);
+  *floats = static_cast<size_t>(workspace_floats_for(batch * rel_l1_chunks(len, dtype)));
   return ok();
 }
 
@@ -123,17 +116,22 @@ extern "C" tcf_status tcf_rel_l1_partials(const void *cur, const void *prev, flo
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return cuda_fail(op, err);
-  const int64_t nblk = rel_l1_blocks(sms, batch, len, dtype);
-  if (workspace_floats < static_cast<size_t>(batch * nblk * 2))
+  const int64_t nchunks = rel_l1_chunks(len, dtype);
+  const int64_t need = workspace_floats_for(batch * nchunks);
+  if (workspace_floats < static_cast<size_t>(need))
     return fail(TCF_ERROR_INVALID_VALUE,
                 "%s: workspace holds %zu floats, needs %lld (ask tcf_rel_l1_workspace_size)", op,
-                workspace_floats, (long long)(batch * nblk * 2));
+                workspace_floats, (long long)need);
+  const int64_t per_output = per_sample ? nchunks : batch * nchunks;
+  unsigned *ticket = outputs <= kFusedOutputs ? ticket_of(workspace) : nullptr;
+  const int64_t nblk = blocks_per_sample(sms, batch, nchunks);
   const dim3 grid(static_cast<unsigned>(nblk), grid_y(batch));
   TCF_DISPATCH(dtype, T,
                TCF_LAUNCH(rel_l1_kernel<T>, grid, kThreads, 0, stream)(
                    static_cast<const typename T::storage *>(cur),
-                   static_cast<const typename T::storage *>(prev), workspace, batch, len));
+                   static_cast<const typename T::storage *>(prev), pairs_of(workspace), batch, len, partials,
+                   outputs, per_output, ticket));
   const tcf_status st = check_launch(op);
-  if (st != TCF_SUCCESS) return st;
-  return finish_partials(op, workspace, partials, outputs, per_sample ? nblk : batch * nblk, stream);
+  if (st != TCF_SUCCESS || ticket != nullptr) return st;
+  return finish_partials(op, pairs_of(workspace), partials, outputs, per_output, stream);
 }

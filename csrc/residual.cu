@@ -8,7 +8,7 @@ namespace tcf {
 namespace {
 
 template <typename T, typename R>
-__global__ void capture_kernel(const typename T::storage *__restrict__ out,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) capture_kernel(const typename T::storage *__restrict__ out,
                                const typename T::storage *__restrict__ inp,
                                typename R::storage *__restrict__ res, int64_t n) {
   constexpr int VEC = vec_of<T>();
@@ -27,7 +27,7 @@ __global__ void capture_kernel(const typename T::storage *__restrict__ out,
 }
 
 template <typename T, typename R>
-__global__ void apply_kernel(typename T::storage *__restrict__ hidden,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) apply_kernel(typename T::storage *__restrict__ hidden,
                              const typename R::storage *__restrict__ residual,
                              const uint8_t *__restrict__ mask, int64_t batch, int64_t len) {
   constexpr int VEC = vec_of<T>();

@@ -16,8 +16,11 @@
  *   cur/prev partials (batch, len)
  *   partials          fp32, (batch, 2) when per_sample else (2,):
  *                     [sum |cur - prev|, sum |prev|]
- * Arithmetic is fp32; reductions are two-stage and fixed-order, so the same
- * input on the same device gives the same bits on every run.
+ * Arithmetic is fp32; reductions are two-stage and fixed-order over a fixed
+ * partition (chunks of a size set by the shape and dtype, not by the SM count
+ * or the pointers' alignment), so the same input gives the same bits on every
+ * run and on every GPU model or MIG slice. Workspace sizes depend on the shape
+ * and dtype only.
  */
 #ifndef TEACACHE_FAST_H_
 #define TEACACHE_FAST_H_
@@ -62,7 +65,13 @@ const char *tcf_status_string(tcf_status status);
  * runtime this library was built with, no kernel image for this GPU, ...). */
 tcf_status tcf_device_check(void);
 
-/* Floats of scratch the two-stage reductions need on the current device. */
+/* Floats of scratch the reductions need (the same on every device): one 32-bit
+ * ticket word, then fp32 pairs. The ticket (the first word) must be zero before
+ * a workspace's first use (cudaMemset it once); every call leaves it zero, so a
+ * workspace is reused as is, for any shape it is large enough for, by one
+ * stream at a time.
+ * With at most 64 outputs a reduction is one launch (the last block finishes
+ * the sums), else two. */
 tcf_status tcf_rel_l1_workspace_size(int64_t batch, int64_t len, tcf_dtype dtype,
                                      size_t *floats);
 tcf_status tcf_modulated_rel_l1_workspace_size(int64_t batch, int64_t rows, int64_t cols,

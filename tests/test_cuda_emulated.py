@@ -124,7 +124,9 @@ class Emu:
     def _ws(self, fn, *dims):
         n = _SZ()
         self.call(fn, *dims, ctypes.byref(n))
-        return torch.full((max(n.value, 1),), float("nan")), n.value
+        ws = torch.full((max(n.value, 1),), float("nan"))
+        ws[0] = 0.0  # the ticket word starts at 0 (and every call leaves it there)
+        return ws, n.value
 
     # ---------------------------------------------------------------- the ops
     @staticmethod
@@ -733,43 +735,94 @@ def test_bitwise_deterministic_across_runs_and_schedules(emu):
 
 
 def test_across_sm_counts(emu):
-    """What the design promises across devices, checked on emulated SM counts 1, 3 and 8.
-
-    Bit for bit: everything but the partial sums (modulate, the new prev, residuals,
-    decide on the same partials): no result depends on how rows or elements are spread
-    over blocks. The partial sums: today the number of blocks per sample, hence the
-    reduction order, follows the SM count, so they agree within fp32 summation tolerance
-    only (a device-independent partition is a design target, see DESIGN.md)."""
-    results, ws = {}, {}
+    """What the design promises across devices, checked on emulated SM counts 1, 3 and 8:
+    every result bit for bit, the partial sums included. The SM count changes how many
+    blocks share the work (asserted: the grids differ), never the partition of a
+    reduction (a fixed chunk size, so the workspace is the same) or its order."""
+    results, ws, blocks = {}, {}, {}
     for sms in (1, 3, 8):
         emu.device(sms)
+        before = emu.counters()[1]
         results[sms] = _all_ops(emu)
+        blocks[sms] = emu.counters()[1] - before
         n = _SZ()
         emu.call("tcf_rel_l1_workspace_size", 3, 30001, CODES[torch.float16], ctypes.byref(n))
         ws[sms] = n.value
-    assert len(set(ws.values())) == 3, f"the SM count must change the partition here: {ws}"
+    assert blocks[1] < blocks[8], f"the SM count must change the grids here: {blocks}"
+    assert len(set(ws.values())) == 1, f"the partition must not follow the SM count: {ws}"
     base = results[1]
     for sms in (3, 8):
-        for k in ("modulate", "prev", "residual", "hidden"):
+        for k in base:
             _assert_bits(results[sms][k], base[k], f"{k} on {sms} SMs")
-        for k in ("partials", "partials_all", "rel_l1"):
-            torch.testing.assert_close(results[sms][k], base[k], rtol=1e-5, atol=1e-5)
-    # decide is elementwise: on the same partials, the same bits on every SM count
-    partials = base["partials"]
-    outs = []
-    for sms in (1, 3, 8):
-        emu.device(sms)
-        state = torch.zeros(3, 2)
-        outs.append((emu.teacache_decide_(partials, state, [1.0, 0.5, 0.0], 0.3, None, -1), state))
-    for flags, state in outs[1:]:
-        _assert_bits(flags, outs[0][0])
-        _assert_bits(state, outs[0][1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_rows_give_the_bits_of_aligned_ones(emu, dtype):
+    """The vector/scalar choice only changes how elements are loaded, never which thread
+    adds them in which order: an offset view gives the bits of an aligned copy."""
+    B, R, C, L = 2, 5, 3003, 20011
+    x, prev = _rand((B, R, C), dtype, 61, 2.0), _rand((B, R, C), dtype, 62)
+    scale, shift = _params(B, C, torch.float32, 63, "bc"), _params(B, C, torch.float32, 64, "1c")
+    cur, old = _rand((B, L), dtype, 65), _rand((B, L), dtype, 66)
+    aligned_prev = prev.clone()
+    want = (emu.modulated_rel_l1_(x, scale, shift, aligned_prev, "layer", True),
+            emu.modulate(x, scale, shift, "rms"), emu.rel_l1_partials(cur, old, True))
+    for sx, sp, ss in [(1, 0, 0), (0, 3, 0), (0, 0, 1), (5, 7, 3)]:
+        xs, ps, scs = _shifted(x, sx), _shifted(prev, sp), _shifted(scale, ss)
+        got = (emu.modulated_rel_l1_(xs, scs, shift, ps, "layer", True),
+               emu.modulate(xs, scs, shift, "rms"), emu.rel_l1_partials(_shifted(cur, sx), _shifted(old, sp), True))
+        for g, w, name in zip(got, want, ("indicator", "modulate", "rel_l1")):
+            _assert_bits(g, w, f"{name} with offsets {(sx, sp, ss)}")
+        _assert_bits(ps, aligned_prev, f"new prev with offsets {(sx, sp, ss)}")
+
+
+def test_one_launch_per_reduction_and_the_ticket_is_reset(emu):
+    """Up to 64 outputs the last block finishes the sums: one launch per reduction, a
+    whole decision (indicator + decide) in two; the ticket word is 0 after every call
+    (the next call reuses the workspace as is); more outputs take the finishing kernel
+    and give the same bits per sample."""
+    B, R, C, L = 3, 9, 1003, 9001
+    x, prev = _rand((B, R, C), torch.bfloat16, 71, 2.0), _rand((B, R, C), torch.bfloat16, 72)
+    scale, shift = _params(B, C, torch.bfloat16, 73, "bc"), _params(B, C, torch.bfloat16, 74, "bc")
+    cur, old = _rand((B, L), torch.float16, 75), _rand((B, L), torch.float16, 76)
+    for per_sample in (False, True):
+        before = emu.counters()[0]
+        p = emu.modulated_rel_l1_(x, scale, shift, prev.clone(), "layer", per_sample)
+        q = emu.rel_l1_partials(cur, old, per_sample)
+        assert emu.counters()[0] - before == 2, "one launch per reduction"
+        _check_partials(q, cur, old, per_sample)
+        assert torch.isfinite(p).all()
+    before = emu.counters()[0]
+    p = emu.modulated_rel_l1_(x, scale, shift, prev.clone(), "layer", True)
+    emu.teacache_decide_(p, torch.zeros(B, 2), [1.0, 0.5, 0.0], 0.3, None, -1)
+    assert emu.counters()[0] - before == 2, "indicator + decide"
+    for fn, dims in (("tcf_rel_l1_workspace_size", (B, L, CODES[torch.float16])),
+                     ("tcf_modulated_rel_l1_workspace_size", (B, R, C, CODES[torch.bfloat16]))):
+        ws, n = emu._ws(fn, *dims)
+        if fn.startswith("tcf_rel"):
+            out = torch.full((B, 2), float("nan"))
+            for _ in range(2):  # the same workspace twice: the ticket was reset
+                emu.call("tcf_rel_l1_partials", cur.data_ptr(), old.data_ptr(), out.data_ptr(), B, L,
+                         CODES[torch.float16], 1, ws.data_ptr(), n, None)
+                assert ws[:1].view(torch.int32).item() == 0
+                _assert_bits(out, q)
+    # 70 samples: two launches, and each sample's bits are those of a fused call on it alone
+    big_x, big_prev = _rand((70, 2, 257), torch.float32, 77), _rand((70, 2, 257), torch.float32, 78)
+    before = emu.counters()[0]
+    big = emu.modulated_rel_l1_(big_x, None, None, big_prev.clone(), "rms", True)
+    assert emu.counters()[0] - before == 2
+    for b in (0, 41, 69):
+        one = emu.modulated_rel_l1_(big_x[b:b + 1].clone(), None, None, big_prev[b:b + 1].clone(), "rms", True)
+        _assert_bits(one[0], big[b], f"sample {b}")
 
 
 # --------------------------------------------------------------------------- the C API around the kernels
 
 def test_device_check_and_argument_errors(emu):
+    before = emu.counters()
     assert emu.lib.tcf_device_check() == SUCCESS, emu.lib.tcf_last_error()
+    # no probe launch (a first op call inside a CUDA-graph capture must not launch or sync)
+    assert emu.counters() == before, "tcf_device_check launched a kernel"
     st, msg = emu.status("tcf_modulate", None, None, 0, None, 0, None, 1, 1, 8, 0, 0, 1, EPS, None)
     assert st == INVALID and "x must not be NULL" in msg
     x = torch.zeros(4, dtype=torch.float16)

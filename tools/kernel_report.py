@@ -463,11 +463,14 @@ def _ancestors(lp):
     return out
 
 
-def analyze(fn: Function, acc: list[Access]) -> dict:
-    """Hot loops, loads per row and the barrier order of one function."""
+def analyze(fn: Function, acc: list[Access], stage2: frozenset = frozenset()) -> dict:
+    """Hot loops, loads per row and the barrier order of one function.
+
+    stage2: parameters read only by a fused finishing step after the rows (the
+    partial sums the last block adds); their loads are not row data."""
     glob = [a for a in acc if a.space in ("global", "generic")]
     # Unattributed loads ("?", counted below) take no part in hot loops and passes.
-    loads = [a for a in glob if a.kind == "ld" and a.param != "?"]
+    loads = [a for a in glob if a.kind == "ld" and a.param != "?" and a.param not in stage2]
     maxw = {}
     for a in loads:
         maxw[a.param] = max(maxw.get(a.param, 0), a.bits)
@@ -650,12 +653,16 @@ def _short(demangled: str) -> str:
     return s[:cut].replace(", ", ",")
 
 
+# A kernel's optional __launch_bounds__(...) between "void" and its name.
+_BOUNDS = r"(?:__launch_bounds__\s*\([^)]*\)\s*)?"
+
+
 def _source_params() -> dict[str, list[str]]:
     """{kernel: parameter names} from the __global__ signatures in csrc/."""
     out = {}
     for path in sorted(CSRC.glob("*.cu")):
         text = re.sub(r"//[^\n]*", "", path.read_text())
-        for m in re.finditer(r"__global__\s+void\s+(\w+)\s*\(", text):
+        for m in re.finditer(r"__global__\s+void\s+" + _BOUNDS + r"(\w+)\s*\(", text):
             depth, k = 1, m.end()
             while depth:
                 depth += {"(": 1, ")": -1}.get(text[k], 0)
@@ -675,6 +682,9 @@ def _header_int(name: str) -> int:
 # Which launches size their grid for kBlocksPerSm resident blocks (blocks_per_sample).
 CUDA_GRID_ASSUMES_RESIDENCY = {"modulate_rows_kernel", "rel_l1_kernel", "capture_kernel", "apply_kernel"}
 BENCH_WIDTHS = (3072, 5120)
+# The reduction kernels whose last block adds the workspace pairs (one launch per
+# reduction): those loads of `ws` come after the rows.
+CUDA_STAGE2 = {"modulate_rows_kernel": frozenset({"ws"}), "rel_l1_kernel": frozenset({"ws"})}
 # Not a TeaCache kernel: status.cu's empty launch that probes for a usable device.
 CUDA_SKIP = {"probe_kernel"}
 
@@ -729,7 +739,7 @@ def sass_attribute(names: list[str], base: int, table: dict, pointers: set):
 
 
 def _cuda_pointer_params(path_text: str, kernel: str, names: list[str]) -> set:
-    m = re.search(rf"__global__\s+void\s+{kernel}\s*\((.*?)\)\s*{{", path_text, re.S)
+    m = re.search(r"__global__\s+void\s+" + _BOUNDS + rf"{kernel}\s*\((.*?)\)\s*{{", path_text, re.S)
     params = _split_args(re.sub(r"//[^\n]*", "", m.group(1))) if m else []
     return {names[k] for k, p in enumerate(params) if "*" in p}
 
@@ -786,7 +796,7 @@ def cuda_report(arch: int, jobs: int, workdir: Path) -> tuple[list[KernelFacts],
                 "cuda", short, src.name, threads, k_blocks if kernel in CUDA_GRID_ASSUMES_RESIDENCY else None,
                 info["regs"], info["stack"], info["spill_st"], info["spill_ld"],
                 usage.get(func, {}).get("LOCAL", 0), info["smem"], blocks, limiter,
-                analyze(fobj, acc), names))
+                analyze(fobj, acc, CUDA_STAGE2.get(kernel, frozenset())), names))
     return facts, {"nvcc_flags": " ".join(f for f in flags if not f.startswith("-I")),
                    "compile_s": compile_s, "files": [s.name for s in sources]}
 
@@ -1042,6 +1052,9 @@ How each column is derived (all from compiled code; nothing is run):
   **unattributed accesses**: global loads/stores the dataflow could not tie to exactly one
   pointer (register reuse across paths); they take no part in the hot loops or the passes, and the
   test requires them to be narrower than 128 bits (scalar edges), so no vector access goes uncounted.
+- **Fused finish**: `modulate_rows_kernel` and `rel_l1_kernel` end with the last block adding the
+  workspace pairs (one launch per reduction); those loads of `ws` come after the rows and are
+  not row data (not in the passes, widths or hot loops).
 - **all loads before 1st barrier**: within one iteration of the row, no global load is reachable from
   a barrier (`BAR.SYNC` in SASS, `bar.sync` in PTX); `no barrier` when the row has none.
 - **local mem in a loop**: an LDL/STL (ld.local/st.local) inside any loop.

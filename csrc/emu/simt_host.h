@@ -189,6 +189,13 @@ TCF_EMU_LOAD(__ldlu)
 TCF_EMU_LOAD(__ldcv)
 #undef TCF_EMU_LOAD
 
+// ------------------------------------------------------------------ atomics and fences
+// Blocks run one after another and the threads of a block on one OS thread, so
+// device-wide ordering holds already; the atomic keeps concurrent launches from
+// host threads well defined.
+inline unsigned atomicAdd(unsigned *p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
 // ------------------------------------------------------------------ barriers and warp operations
 namespace tcf_emu {
 enum WarpOp { kShflIdx = 0, kShflUp = 1, kShflDown = 2, kShflXor = 3, kSyncWarp = 4 };

@@ -682,6 +682,11 @@ cudaError_t cudaMemsetAsync(void *ptr, int value, size_t count, cudaStream_t) {
 
 cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *attr, const void *func) {
+  if (attr == nullptr || func == nullptr) return t_last_error = cudaErrorInvalidValue;
+  *attr = cudaFuncAttributes{0, 0, 0, 1024, 0, 0, 0};
+  return cudaSuccess;
+}
 
 // ------------------------------------------------------------------ control API
 // 0 on success; -1: device out of range or sm_count < 0; -2: the device's SM

@@ -124,6 +124,7 @@ static void check_on_gpu(void) {
   CUDA_OK(cudaMalloc(&d_shift, sizeof shift));
   CUDA_OK(cudaMalloc((void **)&d_partials, 2 * sizeof(float)));
   CUDA_OK(cudaMalloc((void **)&d_ws, ws_floats * sizeof(float)));
+  CUDA_OK(cudaMemset(d_ws, 0, ws_floats * sizeof(float)));  /* the ticket word starts at 0 */
   CUDA_OK(cudaMalloc((void **)&d_state, 2 * sizeof(float)));
   CUDA_OK(cudaMalloc((void **)&d_compute, 1));
   CUDA_OK(cudaMemcpy(d_x, x, sizeof x, cudaMemcpyHostToDevice));

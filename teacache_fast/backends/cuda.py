@@ -112,6 +112,26 @@ def modulate(x: Tensor, scale, shift, norm: str, eps: float) -> Tensor:
     return out
 
 
+# Reduction workspaces: the C API's first word is a ticket that must be 0 before
+# first use, and every call leaves it 0; so one zeroed workspace per (device,
+# stream) serves every later call on that stream (calls on one stream run in
+# order), grown when a larger shape comes. Inside a CUDA-graph capture a fresh
+# one is allocated (a captured allocation belongs to the graph's pool).
+_WORKSPACES: dict = {}
+
+
+def _workspace(floats: int, device: torch.device) -> Tensor:
+    floats = max(floats, 1)
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(floats, dtype=torch.float32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws.numel() < floats:
+        ws = torch.zeros(floats, dtype=torch.float32, device=device)
+        _WORKSPACES[key] = ws
+    return ws
+
+
 def _partials_out(B: int, per_sample: bool, device: torch.device) -> Tensor:
     return torch.empty((B, 2) if per_sample else (2,), dtype=torch.float32, device=device)
 
@@ -125,10 +145,9 @@ def rel_l1_partials(cur: Tensor, prev: Tensor, per_sample: bool) -> Tensor:
     B, L = cur.shape
     out = _partials_out(B, per_sample, cur.device)
     with torch.cuda.device(cur.device):
-        n = _call(lib.rel_l1_workspace_size, B, L, code)
-        ws = torch.empty(max(n, 1), dtype=torch.float32, device=cur.device)
+        ws = _workspace(_call(lib.rel_l1_workspace_size, B, L, code), cur.device)
         _call(lib.rel_l1_partials, cur.data_ptr(), prev.data_ptr(), out.data_ptr(), B, L, code,
-              per_sample, ws.data_ptr(), n, _stream(cur.device))
+              per_sample, ws.data_ptr(), ws.numel(), _stream(cur.device))
     return out
 
 
@@ -143,11 +162,10 @@ def modulated_rel_l1_(x: Tensor, scale, shift, prev: Tensor, norm: str, eps: flo
     keep, s_ptr, s_stride, t_ptr, t_stride, pcode = _modulation_params(x, scale, shift)
     out = _partials_out(B, per_sample, x.device)
     with torch.cuda.device(x.device):
-        n = _call(lib.modulated_rel_l1_workspace_size, B, R, C, code)
-        ws = torch.empty(max(n, 1), dtype=torch.float32, device=x.device)
+        ws = _workspace(_call(lib.modulated_rel_l1_workspace_size, B, R, C, code), x.device)
         _call(lib.modulated_rel_l1_, x.data_ptr(), s_ptr, s_stride, t_ptr, t_stride,
               prev.data_ptr(), out.data_ptr(), B, R, C, code, pcode, _NORM_CODES[norm],
-              float(eps), per_sample, ws.data_ptr(), n, _stream(x.device))
+              float(eps), per_sample, ws.data_ptr(), ws.numel(), _stream(x.device))
     del keep
     return out
 

@@ -41,6 +41,13 @@ typedef enum cudaDeviceAttr {
 
 typedef struct CUstream_st *cudaStream_t;
 
+/* The fields the kernels' host code may read; the emulator has one image for
+ * every device, so a kernel's attributes are always found. */
+typedef struct cudaFuncAttributes {
+  size_t sharedSizeBytes, constSizeBytes, localSizeBytes;
+  int maxThreadsPerBlock, numRegs, ptxVersion, binaryVersion;
+} cudaFuncAttributes;
+
 cudaError_t cudaGetLastError(void);
 cudaError_t cudaPeekAtLastError(void);
 const char *cudaGetErrorName(cudaError_t error);
@@ -54,6 +61,8 @@ cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device);
 cudaError_t cudaMemsetAsync(void *ptr, int value, size_t count, cudaStream_t stream);
 cudaError_t cudaStreamSynchronize(cudaStream_t stream);
 cudaError_t cudaDeviceSynchronize(void);
+/* Launches nothing; counted in tcf_emu_counters as neither launch nor block. */
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *attr, const void *func);
 
 #ifdef __cplusplus
 }
