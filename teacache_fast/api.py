@@ -280,6 +280,10 @@ def _apply_one(model: nn.Module, pipeline: Any, config, threshold, preset, varia
         config, threshold, overrides, auto = _start_auto(model, adapter, config, threshold,
                                                          overrides, auto_request)
     cfg = _build_config(model, adapter, config, threshold, fitted, overrides)
+    if cfg.per_sample and not adapter.per_sample:
+        raise ValueError(f"per_sample=True is not available for {adapter.name!r} "
+                         f"({type(model).__name__}): its stream's batch dimension is not the "
+                         "samples' (it would decide per frame or per token); leave per_sample off")
     if cfg.num_steps is None and pipeline is None:
         raise ValueError("num_steps is required (transformer calls per branch in one generation), "
                          "unless apply_teacache is given the pipeline")

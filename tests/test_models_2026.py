@@ -297,3 +297,13 @@ def test_wan22_ti2v_per_token_timesteps():
     tf.remove_teacache(m)
     assert 2 <= b["computed"] < STEPS and b["steps"][0] and b["steps"][-1]
     assert torch.equal(euler_sample(tiny, x0, STEPS), plain) and _no_shadows(m)
+
+
+def test_latte_refuses_per_sample_decisions():
+    # its stream's batch is batch x frames: per_sample=True would decide per frame
+    tiny = tiny_latte(0)
+    with pytest.raises(ValueError, match="per_sample=True is not available for 'latte'"):
+        tf.apply_teacache(tiny.model, threshold=0.1, num_steps=4, per_sample=True)
+    assert not tf.is_cached(tiny.model)
+    tf.apply_teacache(tiny.model, threshold=0.1, num_steps=4)   # without it, fine
+    tf.remove_teacache(tiny.model)

@@ -149,6 +149,9 @@ class Adapter:
     forced: (step, num_steps) -> bool, the family's forced-step rule.
     subset: per-sample runs may slice the batch through the stack (False when
         code between the blocks mixes the batch, e.g. with a tail).
+    per_sample: the stream's batch dimension holds the samples, so
+        ``per_sample=True`` can decide per sample (False: e.g. Latte, whose
+        stream's batch is batch x frames; per_sample=True is then an error).
     block_lists: model -> the ModuleLists the model's forward loops over to run
         the stack (their items, in order, are exactly ``blocks``), or None. When
         given, a skipped call leaves those loops after block 0 (only the block
@@ -173,6 +176,7 @@ class Adapter:
     timestep_arg: Optional[str] = "timestep"
     forced: Callable[[int, int], bool] = first_and_last
     subset: bool = True
+    per_sample: bool = True
     block_lists: Optional[Callable[[nn.Module], Sequence[nn.Module]]] = None
     coefficients: Optional[List[float]] = None
     threshold: Optional[float] = None
@@ -207,6 +211,9 @@ class Adapter:
         if self.timestep_arg is not None and not isinstance(self.timestep_arg, str):
             raise TypeError(f"Adapter {self.name!r}: timestep_arg must be None or the name (a str) "
                             f"of the model's timestep argument, got {self.timestep_arg!r}")
+        if not isinstance(self.per_sample, bool):
+            raise TypeError(f"Adapter {self.name!r}: per_sample must be a bool, got "
+                            f"{type(self.per_sample).__name__}")
         if not isinstance(self.subset, bool):
             raise TypeError(f"Adapter {self.name!r}: subset must be a bool, got "
                             f"{type(self.subset).__name__}")

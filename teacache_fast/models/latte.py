@@ -8,7 +8,7 @@ spatial blocks, tokens as the batch for temporal ones), so a block's output
 is not in the span's input layout: the cached span ends at the INPUT of
 norm_out, where the tokens are back in the spatial layout
 (batch * frames, tokens, C). The stream's batch is batch * frames, so a
-per-sample run would decide per frame: no batch slicing (subset=False).
+per-sample run would decide per frame: per_sample=True is refused.
 Indicator: block 0's ``norm1(h) * (1 + scale_msa) + shift_msa`` with the
 block's adaLN-single table. Forced: first and last step.
 """
@@ -45,4 +45,5 @@ FAMILY = Family(
     indicator=indicator,
     end="norm_out",
     subset=False,
+    per_sample=False,
 )

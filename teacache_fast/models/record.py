@@ -141,7 +141,7 @@ class Family:
         (``call.captured[name]``).
     tail: attributes of modules after the blocks that belong to the cached
         span; end: the attribute of the module whose INPUT ends the span.
-    unbatched, timestep_arg, forced, subset: as in :class:`Adapter`.
+    unbatched, timestep_arg, forced, subset, per_sample: as in :class:`Adapter`.
     skip_loops: the model's forward runs ``blocks`` in plain loops whose bodies
         only run the blocks and feed the stream (read in its diffusers source),
         so a skipped call may leave them after block 0 (Adapter.block_lists).
@@ -169,6 +169,7 @@ class Family:
     timestep_arg: Optional[str] = "timestep"
     forced: Callable[[int, int], bool] = first_and_last
     subset: bool = True
+    per_sample: bool = True
     skip_loops: bool = False
     expert_variant: Optional[str] = None
 
@@ -218,7 +219,7 @@ class Family:
             tail=_modules(self.tail) if self.tail else None,
             end=operator.attrgetter(self.end) if self.end else None,
             unbatched=self.unbatched, timestep_arg=self.timestep_arg,
-            forced=v.forced or self.forced, subset=self.subset,
+            forced=v.forced or self.forced, subset=self.subset, per_sample=self.per_sample,
             block_lists=_attributes(self.blocks) if self.skip_loops else None,
             coefficients=list(v.coefficients) if v.coefficients else None,
             threshold=v.thresholds[0] if v.thresholds else None,
