@@ -203,6 +203,18 @@ def test_replay_threshold_zero_never_skips_and_table_is_monotonic():
     assert 2 <= len(default) <= 8 and default[-1]["computed_steps"] < default[0]["computed_steps"]
 
 
+def test_replay_with_abs_accumulation_adds_the_magnitude():
+    rec = synthetic_recording(runs=1, steps=20)
+    # a constant negative polynomial: summed, the estimate never rises (only the
+    # forced steps compute); as |poly| it reaches 1.0 every third step
+    summed = cal.replay_decisions(rec, [-0.4], 1.0)
+    absolute = cal.replay_decisions(rec, [-0.4], 1.0, accumulate="abs")
+    np.testing.assert_array_equal(np.flatnonzero(summed[0, 0]), [0, 19])
+    np.testing.assert_array_equal(np.flatnonzero(absolute[0, 0]), [0, 3, 6, 9, 12, 15, 18, 19])
+    with pytest.raises(ValueError, match="accumulate"):
+        cal.replay_decisions(rec, [-0.4], 1.0, accumulate="max")
+
+
 def test_replay_forced_steps_and_max_skips():
     rec = synthetic_recording(runs=1, steps=20)
     flags = cal.replay_decisions(rec, [0.0], 1.0, forced=lambda i, n: i < 3)

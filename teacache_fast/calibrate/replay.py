@@ -24,7 +24,7 @@ def forced_mask(forced: ForcedRule, num_steps: int) -> np.ndarray:
 
 def replay_decisions(recording: Recording, coefficients: Sequence[float], threshold: float, *,
                      forced: ForcedRule = first_and_last,
-                     max_consecutive_skips: Optional[int] = None,
+                     max_consecutive_skips: Optional[int] = None, accumulate: str = "sum",
                      device=None, backend: Optional[str] = None) -> np.ndarray:
     """Compute flags ``(num_runs, num_branches, num_steps)`` that a cached run would take.
 
@@ -34,10 +34,13 @@ def replay_decisions(recording: Recording, coefficients: Sequence[float], thresh
     the recording was made) with ``backend`` (default: the automatic choice),
     i.e. the same decision kernel as the cached run. ``forced`` is the
     forced-step rule (default: first and last step; ``calibrate`` passes the
-    wrapper's own rule: the family's, ret_steps and the window). Exact for the same
+    wrapper's own rule: the family's, ret_steps and the window); ``accumulate``
+    as TeaCacheConfig's ("abs": the estimate adds |poly(rel)|). Exact for the same
     inputs; in a real sampling loop a skipped step changes later inputs a
     little, so later indicators (and rarely a decision) may differ.
     """
+    if accumulate not in ("sum", "abs"):
+        raise ValueError(f"accumulate must be 'sum' or 'abs', got {accumulate!r}")
     recording.check()
     n = recording.num_steps
     traces = recording.traces()
@@ -57,7 +60,8 @@ def replay_decisions(recording: Recording, coefficients: Sequence[float], thresh
             force = force_steps[i].expand(len(traces)).contiguous()
             flags[:, i] = ops.teacache_decide_(partials[:, i].contiguous(), state, coefficients,
                                                float(threshold), force=force,
-                                               max_consecutive_skips=max_consecutive_skips)
+                                               max_consecutive_skips=max_consecutive_skips,
+                                               accumulate_abs=accumulate == "abs")
     return flags.cpu().numpy().reshape(recording.num_runs, len(recording.branches), n)
 
 
