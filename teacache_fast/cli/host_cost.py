@@ -281,6 +281,6 @@ def markdown(result: Dict) -> List[str]:
     lines += ["", "`extra per computed call`: median call with every call computed minus the plain model's "
               "median call. `skipped / plain`: median skipped call over the plain call. `per skipped block`: "
               "(skipped call - floor) / blocks the skip avoided; FirstBlockCache still runs its first block "
-              "on a skipped call. `per further skipped block`: the skipped call of the same model with 2 + 8 "
+              "on a skipped call. `per further skipped block`: the skipped call of the same model with 2 + 38 "
               "blocks minus this one's, per extra block (the marginal cost of one more skipped block). Method and settings in teacache_fast/cli/host_cost.py.", ""]
     return lines
