@@ -258,6 +258,10 @@ typedef struct { Rows a; void* dst; double* sums; } Job;
 ENTRY static int modulate_range(const void* ctx, int64_t lo, int64_t hi) {
     const Job* j = (const Job*)ctx;
     const int64_t C = j->a.C;
+    if (j->a.dt == DT_F32) {   /* fp32: the output row is the scratch (no copy pass) */
+        for (int64_t row = lo; row < hi; row++) modulate_row(&j->a, row, (float*)j->dst + row * C);
+        return 0;
+    }
     float* m = (float*)malloc((size_t)C * sizeof(float));
     if (!m) return 1;
     for (int64_t row = lo; row < hi; row++) {
@@ -293,10 +297,16 @@ ENTRY static int rel_l1_range(const void* ctx, int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; k++) {
         const int64_t b = k / chunks, start = (k % chunks) * CHUNK;
         const int64_t n = (start + CHUNK < L ? start + CHUNK : L) - start;
-        load_row(j->a.x, j->a.dt, b * L + start, n, buf);
-        load_row(j->dst, j->a.dt, b * L + start, n, buf + CHUNK);
-        j->sums[2 * k] = sum_abs_diff(buf, buf + CHUNK, n);
-        j->sums[2 * k + 1] = sum_abs(buf + CHUNK, n);
+        const float *cur = buf, *prev = buf + CHUNK;
+        if (j->a.dt == DT_F32) {   /* read in place */
+            cur = (const float*)j->a.x + b * L + start;
+            prev = (const float*)j->dst + b * L + start;
+        } else {
+            load_row(j->a.x, j->a.dt, b * L + start, n, buf);
+            load_row(j->dst, j->a.dt, b * L + start, n, buf + CHUNK);
+        }
+        j->sums[2 * k] = sum_abs_diff(cur, prev, n);
+        j->sums[2 * k + 1] = sum_abs(prev, n);
     }
     free(buf);
     return 0;
