@@ -26,27 +26,36 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) capture_kernel(const t
   });
 }
 
+// out = hidden + residual; in place when out == hidden (hence no __restrict__ on
+// those two). A masked-out sample is skipped in place, copied out of place.
 template <typename T, typename R>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) apply_kernel(typename T::storage *__restrict__ hidden,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) apply_kernel(const typename T::storage *hidden,
                              const typename R::storage *__restrict__ residual,
-                             const uint8_t *__restrict__ mask, int64_t batch, int64_t len) {
+                             const uint8_t *__restrict__ mask, typename T::storage *out,
+                             int64_t batch, int64_t len) {
   constexpr int VEC = vec_of<T>();
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const bool in_place = out == hidden;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
-    if (mask != nullptr && mask[b] == 0) continue;  // untouched: not even rewritten
-    typename T::storage *h = hidden + b * len;
+    const bool add = mask == nullptr || mask[b] != 0;
+    if (!add && in_place) continue;  // untouched: not even rewritten
+    const typename T::storage *h = hidden + b * len;
     const typename R::storage *r = residual + b * len;
+    typename T::storage *o = out + b * len;
     RowSplit s = split_row<T>(h, len);
-    if (!pack_aligned<R, VEC>(r + s.head)) s = scalar_row(len);
+    if (!pack_aligned<R, VEC>(r + s.head) || !pack_aligned<T, VEC>(o + s.head)) s = scalar_row(len);
     for_each<VEC>(s, len, tid, nthreads, [&](int64_t i, auto w) {
       constexpr int W = decltype(w)::value;
-      float hv[W], rv[W];
+      float hv[W];
       load<T, W>(h + i, hv);
-      load<R, W>(r + i, rv);
+      if (add) {
+        float rv[W];
+        load<R, W>(r + i, rv);
 #pragma unroll
-      for (int j = 0; j < W; ++j) hv[j] = __fadd_rn(hv[j], rv[j]);
-      store<T, W>(h + i, hv);
+        for (int j = 0; j < W; ++j) hv[j] = __fadd_rn(hv[j], rv[j]);
+      }
+      store<T, W>(o + i, hv);
     });
   }
 }
@@ -95,10 +104,12 @@ extern "C" tcf_status tcf_residual_capture(const void *out, const void *inp, voi
   return check_launch(op);
 }
 
-extern "C" tcf_status tcf_residual_apply(void *hidden, const void *residual, const uint8_t *mask,
-                                         int64_t batch, int64_t len, tcf_dtype dtype,
-                                         tcf_dtype residual_dtype, cudaStream_t stream) {
-  const char *op = "tcf_residual_apply";
+namespace tcf {
+namespace {
+
+tcf_status residual_apply(const char *op, const void *hidden, const void *residual,
+                          const uint8_t *mask, void *out, int64_t batch, int64_t len,
+                          tcf_dtype dtype, tcf_dtype residual_dtype, cudaStream_t stream) {
   tcf_status st = check_dtypes(op, dtype, residual_dtype);
   if (st != TCF_SUCCESS) return st;
   if (batch < 0 || len < 0)
@@ -106,7 +117,8 @@ extern "C" tcf_status tcf_residual_apply(void *hidden, const void *residual, con
                 (long long)batch, (long long)len);
   if (batch * len == 0) return ok();
   if (check_ptr(op, "hidden", hidden, dtype_size(dtype)) != TCF_SUCCESS ||
-      check_ptr(op, "residual", residual, dtype_size(residual_dtype)) != TCF_SUCCESS)
+      check_ptr(op, "residual", residual, dtype_size(residual_dtype)) != TCF_SUCCESS ||
+      check_ptr(op, "out", out, dtype_size(dtype)) != TCF_SUCCESS)
     return TCF_ERROR_INVALID_VALUE;
   int sms = 0;
   const cudaError_t err = sm_count(&sms);
@@ -114,7 +126,29 @@ extern "C" tcf_status tcf_residual_apply(void *hidden, const void *residual, con
   const dim3 grid(static_cast<unsigned>(elementwise_blocks(sms, batch, len, dtype)), grid_y(batch));
   TCF_DISPATCH(dtype, T, TCF_DISPATCH(residual_dtype, R,
       TCF_LAUNCH((apply_kernel<T, R>), grid, kThreads, 0, stream)(
-          static_cast<typename T::storage *>(hidden), static_cast<const typename R::storage *>(residual),
-          mask, batch, len)));
+          static_cast<const typename T::storage *>(hidden),
+          static_cast<const typename R::storage *>(residual), mask,
+          static_cast<typename T::storage *>(out), batch, len)));
   return check_launch(op);
+}
+
+}  // namespace
+}  // namespace tcf
+
+extern "C" tcf_status tcf_residual_apply(void *hidden, const void *residual, const uint8_t *mask,
+                                         int64_t batch, int64_t len, tcf_dtype dtype,
+                                         tcf_dtype residual_dtype, cudaStream_t stream) {
+  return residual_apply("tcf_residual_apply", hidden, residual, mask, hidden, batch, len, dtype,
+                        residual_dtype, stream);
+}
+
+extern "C" tcf_status tcf_residual_apply_out(const void *hidden, const void *residual,
+                                             const uint8_t *mask, void *out, int64_t batch,
+                                             int64_t len, tcf_dtype dtype,
+                                             tcf_dtype residual_dtype, cudaStream_t stream) {
+  const char *op = "tcf_residual_apply_out";
+  if (out != nullptr && out == hidden)
+    return fail(TCF_ERROR_INVALID_VALUE, "%s: out must not be hidden (use tcf_residual_apply to "
+                "add in place)", op);
+  return residual_apply(op, hidden, residual, mask, out, batch, len, dtype, residual_dtype, stream);
 }

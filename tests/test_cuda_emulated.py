@@ -72,6 +72,7 @@ _SIGNATURES = {
     "tcf_teacache_decide": ([_V, _V, _V, _I, _D, _V, _I64, _I, _V, _I64, _V], _I),
     "tcf_residual_capture": ([_V, _V, _V, _I64, _I, _I, _V], _I),
     "tcf_residual_apply": ([_V, _V, _V, _I64, _I64, _I, _I, _V], _I),
+    "tcf_residual_apply_out": ([_V, _V, _V, _V, _I64, _I64, _I, _I, _V], _I),
     "tcf_emu_set_device": ([_I, _I], _I),
     "tcf_emu_set_grid_limits": ([ctypes.c_uint] * 3, None),
     "tcf_emu_set_order": ([_I, _I], None),
@@ -197,6 +198,12 @@ class Emu:
         self.call("tcf_residual_apply", hidden.data_ptr(), residual.data_ptr(),
                   0 if mask_bytes is None else mask_bytes.data_ptr(), B, L, CODES[hidden.dtype],
                   CODES[residual.dtype], None)
+
+    def residual_apply_out(self, hidden, residual, mask_bytes, out):
+        B, L = hidden.shape
+        self.call("tcf_residual_apply_out", hidden.data_ptr(), residual.data_ptr(),
+                  0 if mask_bytes is None else mask_bytes.data_ptr(), out.data_ptr(), B, L,
+                  CODES[hidden.dtype], CODES[residual.dtype], None)
 
 
 ASAN_TEST = "test_everything_again_under_address_sanitizer"
@@ -657,6 +664,56 @@ def test_residual_apply_misaligned(emu, dtype, res_dtype, shifts):
     ref.residual_apply_(want, r0, mask != 0)
     _assert_bits(hidden, want)
     assert torch.equal(_lead(hidden), lead)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("res_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("L", [1, 3, 3072])
+def test_residual_apply_out(emu, dtype, res_dtype, mask, L):
+    """out = hidden + residual: the in-place op's bits, hidden untouched, masked-out
+    samples copied, and every element of out written (it starts as NaN)."""
+    B = 5
+    hidden, residual = _rand((B, L), dtype, 36), _rand((B, L), res_dtype, 37, 0.5)
+    mask_bytes = None if MASKS[mask] is None else torch.tensor(MASKS[mask], dtype=torch.uint8)
+    want = hidden.clone()
+    emu.residual_apply_(want, residual, mask_bytes)
+    h0 = hidden.clone()
+    out = torch.full_like(hidden, float("nan"))
+    emu.residual_apply_out(hidden, residual, mask_bytes, out)
+    _assert_bits(out, want)
+    _assert_bits(hidden, h0)
+    ref_out = torch.empty_like(hidden)
+    ref.residual_apply_(hidden, residual, None if mask_bytes is None else mask_bytes != 0, out=ref_out)
+    _assert_bits(out, ref_out)
+
+
+@pytest.mark.parametrize("dtype,res_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float32, torch.float16)], ids=str)
+@pytest.mark.parametrize("shifts", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)])
+def test_residual_apply_out_misaligned(emu, dtype, res_dtype, shifts):
+    B, L = 3, 1001
+    h0, r0 = _rand((B, L), dtype, 38), _rand((B, L), res_dtype, 39)
+    hidden, residual = _shifted(h0, shifts[0]), _shifted(r0, shifts[1])
+    out = _shifted(torch.full_like(h0, float("nan")), shifts[2])
+    lead = _lead(out)
+    mask = torch.tensor([1, 0, 2], dtype=torch.uint8)
+    emu.residual_apply_out(hidden, residual, mask, out)
+    want = h0.clone()
+    ref.residual_apply_(want, r0, mask != 0)
+    _assert_bits(out, want)
+    _assert_bits(hidden, h0)
+    assert torch.equal(_lead(out), lead), "wrote before out"
+
+
+def test_residual_apply_out_rejects_out_equal_to_hidden(emu):
+    h = torch.zeros(2, 4)
+    st, msg = emu.status("tcf_residual_apply_out", h.data_ptr(), h.data_ptr(), None, h.data_ptr(),
+                         2, 4, 0, 0, None)
+    assert st == INVALID and "out must not be hidden" in msg, msg
+    st, msg = emu.status("tcf_residual_apply_out", h.data_ptr(), h.data_ptr(), None, None, 2, 4, 0, 0,
+                         None)
+    assert st == INVALID and "out must not be NULL" in msg, msg
 
 
 @pytest.mark.skipif(IN_ASAN_CHILD, reason="65535 blocks of 256 fibers: 12 s under ASan; the plain build runs it")

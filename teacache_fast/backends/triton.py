@@ -206,10 +206,10 @@ def residual_capture_(out, inp, residual) -> None:
                                     tiles_per_program=cfg.per_program, num_warps=cfg.num_warps)
 
 
-def residual_apply_(hidden, residual, mask) -> None:
+def residual_apply_(hidden, residual, mask, out=None) -> None:
     B, L = hidden.shape
     cfg = flat_config(L, B, hidden.device, kernel="_residual_apply_kernel",
                       itemsize=hidden.element_size())
     with _on(hidden.device):
         _residual.residual_apply_(hidden, residual, mask, block=cfg.block,
-                                  tiles_per_program=cfg.per_program, num_warps=cfg.num_warps)
+                                  tiles_per_program=cfg.per_program, num_warps=cfg.num_warps, out=out)
