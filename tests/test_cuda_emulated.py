@@ -565,6 +565,24 @@ def test_decide_abs_accumulation_matches_torch_and_host_bitwise(emu, accumulate_
     assert bool((state[:, 0] >= 0).all()) or not accumulate_abs
 
 
+@pytest.mark.parametrize("max_skips", [-1, 1])
+def test_decide_host_bool_force_as_never_skip_matches_forced_flags(emu, max_skips):
+    """What backends/cuda.py passes for force=True (NULL flags, threshold 0) gives
+    the flags and state of a force byte set for every state, bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    S = 9
+    partials = torch.stack((torch.rand(S, generator=g), torch.rand(S, generator=g) + 0.5), 1)
+    partials[0, 1] = 0.0
+    state = torch.stack((torch.rand(S, generator=g), torch.randint(0, 3, (S,), generator=g).float()), 1)
+    state[1, 1] = float("nan")
+    coeffs = [1.0, -0.5, 0.25]
+    st_flags, st_scalar = state.clone(), state.clone()
+    want = emu.teacache_decide_(partials, st_flags, coeffs, 0.4, torch.ones(S, dtype=torch.uint8), max_skips)
+    got = emu.teacache_decide_(partials, st_scalar, coeffs, 0.0, None, max_skips)
+    assert torch.equal(got, want) and bool(got.all())
+    _assert_bits(st_scalar, st_flags)
+
+
 def test_decide_hand_worked_sequence(emu):
     inf, nan = float("inf"), float("nan")
     steps = [(0.0, 0.0, 1), (0.2, 1.0, 0), (0.2, 1.0, 0), (0.2, 1.0, 0), (nan, 1.0, 0), (0.1, 0.0, 0),
