@@ -95,7 +95,12 @@ def test_misaligned_and_odd_width_match_torch(dtype, offset, width):
             res = torch.empty(B, R, width, dtype=torch.float32, device="cuda")
             ops.residual_capture_(x, p, res)
             h = misaligned_copy(prev)
-            ops.residual_apply_(h, res, torch.tensor([True, False], device="cuda"))
+            hidden = misaligned_copy(prev)
+            o = misaligned_copy(torch.full_like(prev, float("nan")))
+            mask = torch.tensor([True, False], device="cuda")
+            ops.residual_apply_(hidden, res, mask, out=o)   # out of place: hidden kept
+            ops.residual_apply_(h, res, mask)
+            assert torch.equal(o, h) and torch.equal(hidden, prev), name
             results[name] = (partials, p.float(), res, h.float())
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     for got, want in zip(results["cuda"], results["torch"]):
