@@ -130,6 +130,16 @@ tcf_status tcf_residual_apply_out(const void *hidden, const void *residual, cons
                                   void *out, int64_t batch, int64_t len, tcf_dtype dtype,
                                   tcf_dtype residual_dtype, cudaStream_t stream);
 
+/* The end of a sync-free cached span, by the device byte *compute (read on
+ * the device, no host sync): nonzero -> residual = out - inp (fp32, rounded to
+ * residual's dtype), out kept; zero -> out += residual (out holds the span's
+ * input passed through), residual kept. One launch, one pass: reads two and
+ * writes one tensor of numel elements, where capture + select + masked apply
+ * take ~11 passes and ~6 launches. out and inp have `dtype`. */
+tcf_status tcf_finish_span(const uint8_t *compute, void *out, const void *inp, void *residual,
+                           int64_t numel, tcf_dtype dtype, tcf_dtype residual_dtype,
+                           cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

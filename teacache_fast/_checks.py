@@ -168,3 +168,18 @@ def _check_out(out: Tensor, hidden: Tensor, residual: Tensor) -> None:
     if _overlaps(out, hidden):
         raise ValueError("out shares memory with hidden: pass out=None to add into hidden in place, "
                          "or an out of its own")
+
+
+def _check_span(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) -> None:
+    """The arguments of ops.finish_span_."""
+    _check_tensor("out", out)
+    _check_writable("out", out)
+    _check_like("inp", inp, "out", out)
+    _check_tensor("residual", residual)
+    _check_same_shape("residual", residual, "out", out)
+    _check_same_device("residual", residual, "out", out)
+    _check_writable("residual", residual)
+    _check_tensor("compute", compute, min_dim=0, dtypes=(torch.bool,))
+    _check_same_device("compute", compute, "out", out)
+    if compute.dim() != 0:
+        raise ValueError(f"compute must be a 0-d bool tensor, got shape {tuple(compute.shape)}")

@@ -17,6 +17,12 @@ residual_capture_           ``residual = out - inp`` into a preallocated buffer
 residual_apply_             ``hidden += residual`` (optionally per-sample mask), or
                             ``out = hidden + residual`` with ``out=``
 ==========================  ======================================================
+
+and, not one of the six (the sync-free wrapper's building block):
+
+==========================  ======================================================
+finish_span_                by a device flag: ``residual = out - inp`` or ``out += residual``
+==========================  ======================================================
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ __all__ = [
 ]
 
 from ._checks import (MAX_COEFFICIENTS, NORMS, SUPPORTED_DTYPES, _as_coefficients, _check_bool,  # noqa: F401
-                      _check_like, _check_norm, _check_out, _check_same_device, _check_same_shape,
+                      _check_like, _check_norm, _check_out, _check_span, _check_same_device, _check_same_shape,
                       _check_tensor, _check_writable, _check_x, _modulation_rows, check_threshold)
 
 
@@ -401,3 +407,35 @@ def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor] = N
         return
     _check_out(out, hidden, residual)
     _dispatch(_residual_apply_out_impl, _residual_apply_out, hidden)(hidden, residual, mask, out)
+
+
+# --------------------------------------------------------------------------- span end (sync-free)
+
+def _finish_span_impl(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) -> None:
+    i1 = inp.reshape(-1).contiguous()
+    be = _backend(out)
+
+    def run(o: Tensor) -> None:
+        _write_back(residual, lambda r: be.finish_span_(compute, o.view(-1), i1, r.view(-1)))
+
+    _write_back(out, run)
+
+
+_finish_span = torch.library.custom_op("teacache_fast::finish_span_", _finish_span_impl,
+                                       mutates_args=("out", "residual"))
+
+
+@_finish_span.register_fake
+def _(compute, out, inp, residual):
+    return None
+
+
+def finish_span_(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) -> None:
+    """The end of a sync-free cached span, chosen on the device by ``compute``
+    (a 0-d bool tensor; no host read): set, ``residual = out - inp`` (out, the
+    blocks' output, kept); clear, ``out += residual`` (out holds the span's
+    input passed through; residual kept). The numerics of residual_capture_
+    and residual_apply_; the CUDA backend does it in one launch and one pass.
+    Not one of OP_NAMES: the sync-free wrapper's building block."""
+    _check_span(compute, out, inp, residual)
+    _dispatch(_finish_span_impl, _finish_span, out)(compute, out, inp, residual)

@@ -73,6 +73,7 @@ _SIGNATURES = {
     "tcf_residual_capture": ([_V, _V, _V, _I64, _I, _I, _V], _I),
     "tcf_residual_apply": ([_V, _V, _V, _I64, _I64, _I, _I, _V], _I),
     "tcf_residual_apply_out": ([_V, _V, _V, _V, _I64, _I64, _I, _I, _V], _I),
+    "tcf_finish_span": ([_V, _V, _V, _V, _I64, _I, _I, _V], _I),
     "tcf_emu_set_device": ([_I, _I], _I),
     "tcf_emu_set_grid_limits": ([ctypes.c_uint] * 3, None),
     "tcf_emu_set_order": ([_I, _I], None),
@@ -204,6 +205,11 @@ class Emu:
         self.call("tcf_residual_apply_out", hidden.data_ptr(), residual.data_ptr(),
                   0 if mask_bytes is None else mask_bytes.data_ptr(), out.data_ptr(), B, L,
                   CODES[hidden.dtype], CODES[residual.dtype], None)
+
+
+    def finish_span_(self, compute_byte, out, inp, residual):
+        self.call("tcf_finish_span", compute_byte.data_ptr(), out.data_ptr(), inp.data_ptr(),
+                  residual.data_ptr(), out.numel(), CODES[out.dtype], CODES[residual.dtype], None)
 
 
 ASAN_TEST = "test_everything_again_under_address_sanitizer"
@@ -732,6 +738,57 @@ def test_residual_apply_out_rejects_out_equal_to_hidden(emu):
     st, msg = emu.status("tcf_residual_apply_out", h.data_ptr(), h.data_ptr(), None, None, 2, 4, 0, 0,
                          None)
     assert st == INVALID and "out must not be NULL" in msg, msg
+
+
+def _span_end_reference(compute: bool, out, inp, residual):
+    """The composed span end (capture, select, masked apply) of the torch backend."""
+    out, residual = out.clone(), residual.clone()
+    ref.finish_span_(torch.tensor(compute), out, inp, residual)
+    return out, residual
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("res_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flag", [0, 1, 2])   # byte 2: "compute" too
+@pytest.mark.parametrize("n", [1, 3, 3072, 40001])
+def test_finish_span_one_pass_matches_the_composed_ops(emu, dtype, res_dtype, flag, n):
+    out, inp = _rand((n,), dtype, 50, 2.0), _rand((n,), dtype, 51)
+    residual = _rand((n,), res_dtype, 52, 0.5)
+    want_out, want_res = _span_end_reference(flag != 0, out, inp, residual)
+    inp0 = inp.clone()
+    before = emu.counters()
+    emu.finish_span_(torch.tensor([flag], dtype=torch.uint8), out, inp, residual)
+    assert emu.counters()[0] - before[0] == 1, "one launch"
+    _assert_bits(out, want_out)
+    _assert_bits(residual, want_res)
+    _assert_bits(inp, inp0)
+
+
+@pytest.mark.parametrize("shifts", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)])
+@pytest.mark.parametrize("flag", [0, 1])
+def test_finish_span_misaligned(emu, shifts, flag):
+    n = 1001
+    o0, i0, r0 = _rand((n,), torch.bfloat16, 53), _rand((n,), torch.bfloat16, 54), _rand((n,), torch.float32, 55)
+    out, inp, residual = _shifted(o0, shifts[0]), _shifted(i0, shifts[1]), _shifted(r0, shifts[2])
+    lead_o, lead_r = _lead(out), _lead(residual)
+    want_out, want_res = _span_end_reference(bool(flag), o0, i0, r0)
+    emu.finish_span_(torch.tensor([flag], dtype=torch.uint8), out, inp, residual)
+    _assert_bits(out, want_out)
+    _assert_bits(residual, want_res)
+    assert torch.equal(_lead(out), lead_o) and torch.equal(_lead(residual), lead_r)
+
+
+def test_finish_span_bad_arguments(emu):
+    h = torch.zeros(4)
+    st, msg = emu.status("tcf_finish_span", None, h.data_ptr(), h.data_ptr(), h.data_ptr(), 4, 0, 0, None)
+    assert st == INVALID and "compute must not be NULL" in msg, msg
+    flag = torch.ones(1, dtype=torch.uint8)
+    st, msg = emu.status("tcf_finish_span", flag.data_ptr(), h.data_ptr(), h.data_ptr(), h.data_ptr(), -1,
+                         0, 0, None)
+    assert st == INVALID and "numel must be >= 0" in msg, msg
+    st, msg = emu.status("tcf_finish_span", flag.data_ptr(), h.data_ptr(), h.data_ptr(), h.data_ptr(), 4,
+                         0, 9, None)
+    assert st == INVALID and "residual_dtype code 9" in msg, msg
 
 
 @pytest.mark.skipif(IN_ASAN_CHILD, reason="65535 blocks of 256 fibers: 12 s under ASan; the plain build runs it")

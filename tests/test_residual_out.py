@@ -174,3 +174,74 @@ def test_host_bool_force_makes_no_tensor_and_matches_tensor_force(backend, force
         assert got.all() and (st_b == 0).all()
     else:
         assert not got[0] and got[2]  # a skip and an invalid ratio: force False decides alone
+
+
+# --------------------------------------------------------------------------- sync-free span end
+
+def _composed_span_end(compute, out, inp, residual):
+    """What cache.device_state.finish_span_ did before the fused op: four torch-backend ops."""
+    with ops.use_backend("torch"):
+        fresh = torch.empty_like(residual)
+        ops.residual_capture_(out, inp, fresh)
+        residual.copy_(torch.where(compute, fresh, residual))
+        ops.residual_apply_(out, residual, mask=(~compute).reshape(1).expand(out.shape[0]).contiguous())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("res_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("compute", [False, True])
+def test_finish_span_matches_the_composed_ops(backend, dtype, res_dtype, compute):
+    B, N, C = 2, 5, 37
+    out0, inp = _rand((B, N, C), dtype, 11, 2.0), _rand((B, N, C), dtype, 12)
+    res0 = _rand((B, N, C), res_dtype, 13, 0.5)
+    flag = torch.tensor(compute, device=DEV)
+    want_out, want_res = out0.clone(), res0.clone()
+    _composed_span_end(flag, want_out, inp, want_res)
+    out, res = out0.clone(), res0.clone()
+    with ops.use_backend(backend):
+        ops.finish_span_(flag, out, inp, res)
+    _assert_bits(out, want_out)
+    _assert_bits(res, want_res)
+    if compute:
+        _assert_bits(out, out0, "a computed span's output changed")
+    else:
+        _assert_bits(res, res0, "a skipped span changed the residual")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finish_span_non_contiguous(backend):
+    B, N, C = 2, 6, 9
+    out0 = _rand((B, C, N), torch.bfloat16, 14).transpose(1, 2)
+    inp = _rand((B, N, 2 * C), torch.bfloat16, 15)[..., ::2]
+    res0 = _rand((B, C, N), torch.float32, 16).transpose(1, 2)
+    for compute in (False, True):
+        flag = torch.tensor(compute, device=DEV)
+        want_out, want_res = out0.contiguous(), res0.contiguous()
+        _composed_span_end(flag, want_out, inp.contiguous(), want_res)
+        out, res = out0.clone(), res0.clone()
+        assert not out.is_contiguous() and not res.is_contiguous()
+        with ops.use_backend(backend):
+            ops.finish_span_(flag, out, inp, res)
+        _assert_bits(out, want_out)
+        _assert_bits(res, want_res)
+
+
+def test_finish_span_checks_and_registration():
+    out, inp, res = (_rand((2, 3, 4), torch.float32, s) for s in (17, 18, 19))
+    flag = torch.tensor(True, device=DEV)
+    _bad(lambda: ops.finish_span_(flag.reshape(1), out, inp, res), ValueError, ["compute", "0-d"])
+    _bad(lambda: ops.finish_span_(flag.float(), out, inp, res), TypeError, ["compute"])
+    _bad(lambda: ops.finish_span_(flag, out, inp.half(), res), TypeError, ["inp"])
+    _bad(lambda: ops.finish_span_(flag, out, inp, res[:1]), ValueError, ["residual"])
+    _bad(lambda: ops.finish_span_(flag, out[:1].expand(2, 3, 4), inp, res), ValueError, ["out"])
+    torch.library.opcheck(torch.ops.teacache_fast.finish_span_, (flag, out.clone(), inp, res.clone()))
+
+    def f(flag, out, inp, res):
+        ops.finish_span_(flag, out, inp, res)
+        return out, res
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="eager")(flag, out.clone(), inp, res.clone())
+    for g, w in zip(got, f(flag, out.clone(), inp, res.clone())):
+        _assert_bits(g, w)

@@ -237,3 +237,19 @@ def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor],
     with torch.cuda.device(hidden.device):
         _call(lib.residual_apply_, hidden.data_ptr(), residual.data_ptr(), mask_ptr, B, L, code,
               rcode, _stream(hidden.device), out_ptr)
+
+
+def finish_span_(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) -> None:
+    """The sync-free span end in one launch and one pass (tcf_finish_span)."""
+    lib = _lib()
+    code = _check("out", out)
+    if _check("inp", inp, out.device) != code or inp.numel() != out.numel():
+        raise ValueError(f"inp must match out ({out.dtype}, {out.numel()} elements), "
+                         f"got {inp.dtype}, {inp.numel()}")
+    rcode = _check("residual", residual, out.device)
+    if residual.numel() != out.numel():
+        raise ValueError(f"residual must have {out.numel()} elements, got {residual.numel()}")
+    _check_flags("compute", compute.reshape(1), 1, out.device)
+    with torch.cuda.device(out.device):
+        _call(lib.finish_span_, compute.data_ptr(), out.data_ptr(), inp.data_ptr(), residual.data_ptr(),
+              out.numel(), code, rcode, _stream(out.device))

@@ -224,3 +224,21 @@ def residual_apply_(hidden, residual, mask, out=None) -> None:
             # torch.where keeps the mask on the device (no host sync) and leaves
             # masked-out samples bit for bit as they were
             dst[b, i:i + step].copy_(torch.where(mask[b], new, h32))
+
+
+def composed_finish_span(capture, apply):
+    """finish_span_ from a backend's residual_capture_ and residual_apply_: the
+    capture into a fresh buffer, a device select of the residual, the masked
+    apply (the backends without a fused span-end kernel)."""
+
+    def finish_span_(compute, out, inp, residual) -> None:
+        """compute (0-d bool): residual <- out - inp; else out += residual. Flat, contiguous."""
+        fresh = torch.empty_like(residual)
+        capture(out, inp, fresh)
+        residual.copy_(torch.where(compute, fresh, residual))
+        apply(out.view(1, -1), residual.view(1, -1), torch.logical_not(compute).reshape(1))
+
+    return finish_span_
+
+
+finish_span_ = composed_finish_span(residual_capture_, residual_apply_)
