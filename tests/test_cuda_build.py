@@ -107,3 +107,22 @@ def test_misaligned_and_odd_width_match_torch(dtype, offset, width):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     # the masked-out sample is untouched, bit for bit
     assert torch.equal(results["cuda"][3][1], prev[1].float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compute", [False, True])
+@pytest.mark.parametrize("res_dtype", [torch.float32, torch.bfloat16])
+def test_finish_span_one_launch_matches_torch(compute, res_dtype):
+    g = torch.Generator(device="cuda").manual_seed(3)
+    out0 = torch.randn(2, 7, 1031, generator=g, device="cuda").bfloat16()
+    inp = torch.randn(2, 7, 1031, generator=g, device="cuda").bfloat16()
+    res0 = torch.randn(2, 7, 1031, generator=g, device="cuda").to(res_dtype)
+    flag = torch.tensor(compute, device="cuda")
+    results = {}
+    for name in ("torch", "cuda"):
+        out, res = out0.clone(), res0.clone()
+        with torch.no_grad(), use_backend(name):
+            ops.finish_span_(flag, out, inp, res)
+        results[name] = (out, res)
+    for got, want in zip(results["cuda"], results["torch"]):
+        assert torch.equal(got, want)

@@ -60,6 +60,8 @@ static void check_validation(void) {
                "out must not be hidden", "residual_apply_out into hidden itself");
   expect_error(tcf_residual_apply_out(fake, fake, NULL, NULL, 2, 4, TCF_FLOAT32, TCF_FLOAT32, 0),
                "out must not be NULL", "residual_apply_out with a NULL out");
+  expect_error(tcf_finish_span(NULL, fake, fake, fake, 4, TCF_BFLOAT16, TCF_FLOAT32, 0),
+               "compute must not be NULL", "finish_span without its device flag");
 }
 
 #define CUDA_OK(call)                                                          \
