@@ -97,7 +97,7 @@ def teacache_decide_(partials, state, coefficients, threshold, force, max_skips,
     # step computes and resets the state exactly as never skipping does
     never_skip = float(threshold) <= 0.0 or (not has_force and bool(force))
     _decide_kernel[(triton.cdiv(S, block),)](
-        partials, state, force.view(torch.uint8) if has_force else flags, flags.view(torch.uint8), S,
+        partials, state, (force if has_force else flags).view(torch.uint8), flags.view(torch.uint8), S,
         float(threshold), int(never_skip), float(max_skips), *coeffs,
         ACC_ABS=bool(accumulate_abs), HAS_FORCE=has_force, BLOCK=block, num_warps=num_warps,
         enable_fp_fusion=False)
