@@ -153,10 +153,27 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("residual_apply_", [](std::uintptr_t hidden, std::uintptr_t residual, std::uintptr_t mask,
                               int64_t batch, int64_t len, int dtype, int residual_dtype,
-                              std::uintptr_t stream) {
-    check(tcf_residual_apply(ptr<void>(hidden), ptr<const void>(residual), ptr<const uint8_t>(mask),
-                             batch, len, dtype_of(dtype), dtype_of(residual_dtype),
-                             stream_of(stream)));
+                              std::uintptr_t stream, std::uintptr_t out) {
+    if (out == 0) {
+      check(tcf_residual_apply(ptr<void>(hidden), ptr<const void>(residual), ptr<const uint8_t>(mask),
+                               batch, len, dtype_of(dtype), dtype_of(residual_dtype),
+                               stream_of(stream)));
+    } else {
+      check(tcf_residual_apply_out(ptr<const void>(hidden), ptr<const void>(residual),
+                                   ptr<const uint8_t>(mask), ptr<void>(out), batch, len,
+                                   dtype_of(dtype), dtype_of(residual_dtype), stream_of(stream)));
+    }
   }, py::arg("hidden"), py::arg("residual"), py::arg("mask"), py::arg("batch"), py::arg("len"),
-     py::arg("dtype"), py::arg("residual_dtype"), py::arg("stream"));
+     py::arg("dtype"), py::arg("residual_dtype"), py::arg("stream"), py::arg("out") = 0,
+     "hidden += residual (out = 0), or out = hidden + residual with hidden kept");
+
+  m.def("finish_span_", [](std::uintptr_t compute, std::uintptr_t out, std::uintptr_t inp,
+                           std::uintptr_t residual, int64_t numel, int dtype, int residual_dtype,
+                           std::uintptr_t stream) {
+    check(tcf_finish_span(ptr<const uint8_t>(compute), ptr<void>(out), ptr<const void>(inp),
+                          ptr<void>(residual), numel, dtype_of(dtype), dtype_of(residual_dtype),
+                          stream_of(stream)));
+  }, py::arg("compute"), py::arg("out"), py::arg("inp"), py::arg("residual"), py::arg("numel"),
+     py::arg("dtype"), py::arg("residual_dtype"), py::arg("stream"),
+     "sync-free span end by the device flag: residual = out - inp, or out += residual");
 }

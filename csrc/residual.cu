@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-// residual_capture_ (residual = out - inp) and residual_apply_ (hidden +=
-// residual, optionally per sample): elementwise, fp32 arithmetic, the residual
-// in its own dtype (e.g. an fp32 cache of bf16 activations).
+// residual_capture_ (residual = out - inp), residual_apply_ (hidden +=
+// residual, optionally per sample, or out = hidden + residual) and the
+// sync-free span end (one of the two, by a device flag): elementwise, fp32
+// arithmetic, the residual in its own dtype (e.g. an fp32 cache of bf16
+// activations).
 #include "common.cuh"
 
 namespace tcf {
@@ -26,29 +28,68 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) capture_kernel(const t
   });
 }
 
+// out = hidden + residual; in place when out == hidden (hence no __restrict__ on
+// those two). A masked-out sample is skipped in place, copied out of place.
 template <typename T, typename R>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) apply_kernel(typename T::storage *__restrict__ hidden,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) apply_kernel(const typename T::storage *hidden,
                              const typename R::storage *__restrict__ residual,
-                             const uint8_t *__restrict__ mask, int64_t batch, int64_t len) {
+                             const uint8_t *__restrict__ mask, typename T::storage *out,
+                             int64_t batch, int64_t len) {
   constexpr int VEC = vec_of<T>();
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const bool in_place = out == hidden;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
-    if (mask != nullptr && mask[b] == 0) continue;  // untouched: not even rewritten
-    typename T::storage *h = hidden + b * len;
+    const bool add = mask == nullptr || mask[b] != 0;
+    if (!add && in_place) continue;  // untouched: not even rewritten
+    const typename T::storage *h = hidden + b * len;
     const typename R::storage *r = residual + b * len;
+    typename T::storage *o = out + b * len;
     RowSplit s = split_row<T>(h, len);
-    if (!pack_aligned<R, VEC>(r + s.head)) s = scalar_row(len);
+    if (!pack_aligned<R, VEC>(r + s.head) || !pack_aligned<T, VEC>(o + s.head)) s = scalar_row(len);
     for_each<VEC>(s, len, tid, nthreads, [&](int64_t i, auto w) {
       constexpr int W = decltype(w)::value;
-      float hv[W], rv[W];
+      float hv[W];
       load<T, W>(h + i, hv);
-      load<R, W>(r + i, rv);
+      if (add) {
+        float rv[W];
+        load<R, W>(r + i, rv);
 #pragma unroll
-      for (int j = 0; j < W; ++j) hv[j] = __fadd_rn(hv[j], rv[j]);
-      store<T, W>(h + i, hv);
+        for (int j = 0; j < W; ++j) hv[j] = __fadd_rn(hv[j], rv[j]);
+      }
+      store<T, W>(o + i, hv);
     });
   }
+}
+
+// The end of a sync-free cached span, one pass chosen by the device flag (no
+// host read): compute -> residual = out - inp, out kept; skip -> out +=
+// residual (out holds the span's input passed through), residual kept.
+template <typename T, typename R>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) span_end_kernel(const uint8_t *__restrict__ compute,
+                                typename T::storage *out, const typename T::storage *inp,
+                                typename R::storage *__restrict__ residual, int64_t n) {
+  constexpr int VEC = vec_of<T>();
+  const bool go = *compute != 0;
+  RowSplit s = split_row<T>(out, n);
+  if (!pack_aligned<T, VEC>(inp + s.head) || !pack_aligned<R, VEC>(residual + s.head)) s = scalar_row(n);
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for_each<VEC>(s, n, tid, static_cast<int64_t>(gridDim.x) * blockDim.x, [&](int64_t i, auto w) {
+    constexpr int W = decltype(w)::value;
+    float o[W], v[W];
+    load<T, W>(out + i, o);
+    if (go) {
+      load<T, W>(inp + i, v);
+#pragma unroll
+      for (int j = 0; j < W; ++j) o[j] = __fsub_rn(o[j], v[j]);
+      store<R, W>(residual + i, o);
+    } else {
+      load<R, W>(residual + i, v);
+#pragma unroll
+      for (int j = 0; j < W; ++j) o[j] = __fadd_rn(o[j], v[j]);
+      store<T, W>(out + i, o);
+    }
+  });
 }
 
 int64_t elementwise_blocks(int sms, int64_t batch, int64_t len, tcf_dtype dtype) {
@@ -95,10 +136,12 @@ extern "C" tcf_status tcf_residual_capture(const void *out, const void *inp, voi
   return check_launch(op);
 }
 
-extern "C" tcf_status tcf_residual_apply(void *hidden, const void *residual, const uint8_t *mask,
-                                         int64_t batch, int64_t len, tcf_dtype dtype,
-                                         tcf_dtype residual_dtype, cudaStream_t stream) {
-  const char *op = "tcf_residual_apply";
+namespace tcf {
+namespace {
+
+tcf_status residual_apply(const char *op, const void *hidden, const void *residual,
+                          const uint8_t *mask, void *out, int64_t batch, int64_t len,
+                          tcf_dtype dtype, tcf_dtype residual_dtype, cudaStream_t stream) {
   tcf_status st = check_dtypes(op, dtype, residual_dtype);
   if (st != TCF_SUCCESS) return st;
   if (batch < 0 || len < 0)
@@ -106,7 +149,8 @@ extern "C" tcf_status tcf_residual_apply(void *hidden, const void *residual, con
                 (long long)batch, (long long)len);
   if (batch * len == 0) return ok();
   if (check_ptr(op, "hidden", hidden, dtype_size(dtype)) != TCF_SUCCESS ||
-      check_ptr(op, "residual", residual, dtype_size(residual_dtype)) != TCF_SUCCESS)
+      check_ptr(op, "residual", residual, dtype_size(residual_dtype)) != TCF_SUCCESS ||
+      check_ptr(op, "out", out, dtype_size(dtype)) != TCF_SUCCESS)
     return TCF_ERROR_INVALID_VALUE;
   int sms = 0;
   const cudaError_t err = sm_count(&sms);
@@ -114,7 +158,53 @@ extern "C" tcf_status tcf_residual_apply(void *hidden, const void *residual, con
   const dim3 grid(static_cast<unsigned>(elementwise_blocks(sms, batch, len, dtype)), grid_y(batch));
   TCF_DISPATCH(dtype, T, TCF_DISPATCH(residual_dtype, R,
       TCF_LAUNCH((apply_kernel<T, R>), grid, kThreads, 0, stream)(
-          static_cast<typename T::storage *>(hidden), static_cast<const typename R::storage *>(residual),
-          mask, batch, len)));
+          static_cast<const typename T::storage *>(hidden),
+          static_cast<const typename R::storage *>(residual), mask,
+          static_cast<typename T::storage *>(out), batch, len)));
+  return check_launch(op);
+}
+
+}  // namespace
+}  // namespace tcf
+
+extern "C" tcf_status tcf_residual_apply(void *hidden, const void *residual, const uint8_t *mask,
+                                         int64_t batch, int64_t len, tcf_dtype dtype,
+                                         tcf_dtype residual_dtype, cudaStream_t stream) {
+  return residual_apply("tcf_residual_apply", hidden, residual, mask, hidden, batch, len, dtype,
+                        residual_dtype, stream);
+}
+
+extern "C" tcf_status tcf_residual_apply_out(const void *hidden, const void *residual,
+                                             const uint8_t *mask, void *out, int64_t batch,
+                                             int64_t len, tcf_dtype dtype,
+                                             tcf_dtype residual_dtype, cudaStream_t stream) {
+  const char *op = "tcf_residual_apply_out";
+  if (out != nullptr && out == hidden)
+    return fail(TCF_ERROR_INVALID_VALUE, "%s: out must not be hidden (use tcf_residual_apply to "
+                "add in place)", op);
+  return residual_apply(op, hidden, residual, mask, out, batch, len, dtype, residual_dtype, stream);
+}
+
+extern "C" tcf_status tcf_finish_span(const uint8_t *compute, void *out, const void *inp,
+                                      void *residual, int64_t numel, tcf_dtype dtype,
+                                      tcf_dtype residual_dtype, cudaStream_t stream) {
+  const char *op = "tcf_finish_span";
+  tcf_status st = check_dtypes(op, dtype, residual_dtype);
+  if (st != TCF_SUCCESS) return st;
+  if (numel < 0) return fail(TCF_ERROR_INVALID_VALUE, "%s: numel must be >= 0, got %lld", op, (long long)numel);
+  if (numel == 0) return ok();
+  const int es = dtype_size(dtype);
+  if (check_ptr(op, "compute", compute, 1) != TCF_SUCCESS || check_ptr(op, "out", out, es) != TCF_SUCCESS ||
+      check_ptr(op, "inp", inp, es) != TCF_SUCCESS ||
+      check_ptr(op, "residual", residual, dtype_size(residual_dtype)) != TCF_SUCCESS)
+    return TCF_ERROR_INVALID_VALUE;
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return cuda_fail(op, err);
+  const unsigned grid = static_cast<unsigned>(elementwise_blocks(sms, 1, numel, dtype));
+  TCF_DISPATCH(dtype, T, TCF_DISPATCH(residual_dtype, R,
+      TCF_LAUNCH((span_end_kernel<T, R>), grid, kThreads, 0, stream)(
+          compute, static_cast<typename T::storage *>(out), static_cast<const typename T::storage *>(inp),
+          static_cast<typename R::storage *>(residual), numel)));
   return check_launch(op);
 }

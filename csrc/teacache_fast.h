@@ -121,6 +121,25 @@ tcf_status tcf_residual_apply(void *hidden, const void *residual, const uint8_t 
                               int64_t batch, int64_t len, tcf_dtype dtype,
                               tcf_dtype residual_dtype, cudaStream_t stream);
 
+/* out = hidden + residual (fp32 arithmetic, rounded once to `dtype`), hidden
+ * unchanged; samples whose mask byte is zero get hidden's values copied. One
+ * pass: reads hidden and residual, writes out (a copy of hidden then
+ * tcf_residual_apply would be two). out has hidden's dtype and layout and
+ * must not overlap hidden or residual. */
+tcf_status tcf_residual_apply_out(const void *hidden, const void *residual, const uint8_t *mask,
+                                  void *out, int64_t batch, int64_t len, tcf_dtype dtype,
+                                  tcf_dtype residual_dtype, cudaStream_t stream);
+
+/* The end of a sync-free cached span, by the device byte *compute (read on
+ * the device, no host sync): nonzero -> residual = out - inp (fp32, rounded to
+ * residual's dtype), out kept; zero -> out += residual (out holds the span's
+ * input passed through), residual kept. One launch, one pass: reads two and
+ * writes one tensor of numel elements, where capture + select + masked apply
+ * take ~11 passes and ~6 launches. out and inp have `dtype`. */
+tcf_status tcf_finish_span(const uint8_t *compute, void *out, const void *inp, void *residual,
+                           int64_t numel, tcf_dtype dtype, tcf_dtype residual_dtype,
+                           cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -33,14 +33,18 @@ def _finite(v):
 
 @triton.jit
 def _decide_kernel(part_ptr, state_ptr, force_ptr, flags_ptr, S, threshold, never_skip, max_skips,
-                   c0, c1, c2, c3, c4, c5, c6, c7, c8, ACC_ABS: tl.constexpr, BLOCK: tl.constexpr):
+                   c0, c1, c2, c3, c4, c5, c6, c7, c8, ACC_ABS: tl.constexpr, HAS_FORCE: tl.constexpr,
+                   BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < S
     num = tl.load(part_ptr + 2 * i, mask=mask, other=0.0)
     den = tl.load(part_ptr + 2 * i + 1, mask=mask, other=1.0)
     acc = tl.load(state_ptr + 2 * i, mask=mask, other=0.0)
     skips = tl.load(state_ptr + 2 * i + 1, mask=mask, other=0.0)
-    force = tl.load(force_ptr + i, mask=mask, other=0) != 0
+    if HAS_FORCE:
+        force = tl.load(force_ptr + i, mask=mask, other=0) != 0
+    else:  # a host bool: it arrives folded into never_skip
+        force = tl.zeros([BLOCK], dtype=tl.int1)
 
     ok = _finite(num) & _finite(den) & (den != 0.0)
     # Divide only valid pairs (the interpreter's numpy warns on 0/0 and inf/inf).
@@ -75,7 +79,8 @@ def _decide_kernel(part_ptr, state_ptr, force_ptr, flags_ptr, S, threshold, neve
 
 def teacache_decide_(partials, state, coefficients, threshold, force, max_skips, *, block,
                      num_warps, accumulate_abs=False):
-    """Return bool flags (S,); partials, state: contiguous fp32 (S, 2); force: (S,) bool.
+    """Return bool flags (S,); partials, state: contiguous fp32 (S, 2); force: (S,) bool,
+    or a Python bool for every state (a scalar argument: no flag tensor is made).
 
     coefficients: 1..9 floats, highest power first. max_skips < 0 means no limit.
     accumulate_abs: acc += |poly(rel)| instead of poly(rel).
@@ -86,10 +91,14 @@ def teacache_decide_(partials, state, coefficients, threshold, force, max_skips,
     coeffs = [0.0] * (MAX_COEFFICIENTS - len(coeffs)) + coeffs
     S = partials.shape[0]
     flags = torch.empty((S,), dtype=torch.bool, device=partials.device)
+    has_force = isinstance(force, torch.Tensor)
+    # "threshold <= 0" on the double, as torch and CUDA test it (a positive threshold
+    # below fp32's range rounds to 0 in the kernel, yet it still allows skips); a forced
+    # step computes and resets the state exactly as never skipping does
+    never_skip = float(threshold) <= 0.0 or (not has_force and bool(force))
     _decide_kernel[(triton.cdiv(S, block),)](
-        partials, state, force.view(torch.uint8), flags.view(torch.uint8), S, float(threshold),
-        # "threshold <= 0" on the double, as torch and CUDA test it (a positive threshold
-        # below fp32's range rounds to 0 in the kernel, yet it still allows skips)
-        int(float(threshold) <= 0.0), float(max_skips), *coeffs,
-        ACC_ABS=bool(accumulate_abs), BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)
+        partials, state, (force if has_force else flags).view(torch.uint8), flags.view(torch.uint8), S,
+        float(threshold), int(never_skip), float(max_skips), *coeffs,
+        ACC_ABS=bool(accumulate_abs), HAS_FORCE=has_force, BLOCK=block, num_warps=num_warps,
+        enable_fp_fusion=False)
     return flags

@@ -134,3 +134,52 @@ def check_threshold(threshold) -> float:
             or not math.isfinite(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
     return float(threshold)
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether the bytes a and b span share memory (a conservative range test)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    if sa.data_ptr() != sb.data_ptr():
+        return False
+
+    def span(t: Tensor):
+        lo = t.data_ptr()
+        hi = lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0) * t.element_size()
+        return lo, hi + t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_out(out: Tensor, hidden: Tensor, residual: Tensor) -> None:
+    _check_tensor("out", out)
+    if out.dtype != hidden.dtype:
+        raise TypeError(f"out must have hidden's dtype {hidden.dtype}, got {out.dtype}")
+    _check_same_device("out", out, "hidden", hidden)
+    _check_same_shape("out", out, "hidden", hidden)
+    _check_writable("out", out)
+    if torch.compiler.is_compiling():
+        return
+    if _overlaps(out, residual):
+        raise ValueError("out shares memory with residual: out-of-place residual_apply_ needs an "
+                         "out of its own (or omit out to add into hidden)")
+    if _overlaps(out, hidden):
+        raise ValueError("out shares memory with hidden: pass out=None to add into hidden in place, "
+                         "or an out of its own")
+
+
+def _check_span(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) -> None:
+    """The arguments of ops.finish_span_."""
+    _check_tensor("out", out)
+    _check_writable("out", out)
+    _check_like("inp", inp, "out", out)
+    _check_tensor("residual", residual)
+    _check_same_shape("residual", residual, "out", out)
+    _check_same_device("residual", residual, "out", out)
+    _check_writable("residual", residual)
+    _check_tensor("compute", compute, min_dim=0, dtypes=(torch.bool,))
+    _check_same_device("compute", compute, "out", out)
+    if compute.dim() != 0:
+        raise ValueError(f"compute must be a 0-d bool tensor, got shape {tuple(compute.shape)}")

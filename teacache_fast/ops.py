@@ -14,7 +14,14 @@ rel_l1_partials             fp32 ``[sum|cur - prev|, sum|prev|]`` (per sample: (
 modulated_rel_l1_           both above in one pass; writes the new ``m`` into prev
 teacache_decide_            ``acc += poly(rel)`` (or ``|poly(rel)|``); compute flags; updates state
 residual_capture_           ``residual = out - inp`` into a preallocated buffer
-residual_apply_             ``hidden += residual`` (optionally per-sample mask)
+residual_apply_             ``hidden += residual`` (optionally per-sample mask), or
+                            ``out = hidden + residual`` with ``out=``
+==========================  ======================================================
+
+and, not one of the six (the sync-free wrapper's building block):
+
+==========================  ======================================================
+finish_span_                by a device flag: ``residual = out - inp`` or ``out += residual``
 ==========================  ======================================================
 """
 from __future__ import annotations
@@ -41,7 +48,7 @@ __all__ = [
 ]
 
 from ._checks import (MAX_COEFFICIENTS, NORMS, SUPPORTED_DTYPES, _as_coefficients, _check_bool,  # noqa: F401
-                      _check_like, _check_norm, _check_same_device, _check_same_shape,
+                      _check_like, _check_norm, _check_out, _check_span, _check_same_device, _check_same_shape,
                       _check_tensor, _check_writable, _check_x, _modulation_rows, check_threshold)
 
 
@@ -207,10 +214,13 @@ def modulated_rel_l1_(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor
 # --------------------------------------------------------------------------- teacache_decide_
 
 def _decide_impl(partials: Tensor, state: Tensor, coefficients: List[float], threshold: float,
-            force: Tensor, max_consecutive_skips: int, accumulate_abs: bool = False) -> Tensor:
+                 force: Optional[Tensor], max_consecutive_skips: int, accumulate_abs: bool = False,
+                 force_all: bool = False) -> Tensor:
+    """force: the per-state flags, or None for a host bool (force_all): no
+    flag tensor is made for it, the backend takes the bool as a scalar."""
     lead = partials.shape[:-1]
     p2 = partials.reshape(-1, 2).contiguous()
-    f1 = force.reshape(-1).contiguous()
+    f1 = bool(force_all) if force is None else force.reshape(-1).contiguous()
     be = _backend(partials)
     result = []
 
@@ -227,7 +237,8 @@ _decide = torch.library.custom_op("teacache_fast::teacache_decide_", _decide_imp
 
 
 @_decide.register_fake
-def _(partials, state, coefficients, threshold, force, max_consecutive_skips, accumulate_abs=False):
+def _(partials, state, coefficients, threshold, force, max_consecutive_skips, accumulate_abs=False,
+      force_all=False):
     return partials.new_empty(partials.shape[:-1], dtype=torch.bool)
 
 
@@ -272,9 +283,7 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: f
         if force.shape != lead:
             raise ValueError(f"force must have shape {tuple(lead)} (partials without the last "
                              f"dimension), got {tuple(force.shape)}")
-    elif isinstance(force, bool):
-        force = torch.full(lead, force, dtype=torch.bool, device=partials.device)
-    else:
+    elif not isinstance(force, bool):
         raise TypeError(f"force must be a bool or a bool tensor, got {type(force).__name__}")
     if max_consecutive_skips is None:
         max_skips = -1
@@ -284,8 +293,10 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: f
     else:
         max_skips = int(max_consecutive_skips)
     _check_bool("accumulate_abs", accumulate_abs)
+    # a host bool travels as a scalar (no per-call flag tensor, no fill launch)
+    flags, force_all = (force, False) if isinstance(force, Tensor) else (None, force)
     return _dispatch(_decide_impl, _decide, partials)(partials, state, coeffs, float(threshold),
-                                                      force, max_skips, accumulate_abs)
+                                                      flags, max_skips, accumulate_abs, force_all)
 
 
 # --------------------------------------------------------------------------- residual ops
@@ -344,14 +355,45 @@ def _(hidden, residual, mask):
     return None
 
 
-def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor] = None) -> None:
+def _residual_apply_out_impl(hidden: Tensor, residual: Tensor, mask: Optional[Tensor],
+                             out: Tensor) -> None:
+    B = hidden.shape[0]
+    if residual.device != hidden.device:
+        residual = residual.to(hidden.device, non_blocking=True)
+    h2 = hidden.reshape(B, -1).contiguous()
+    r2 = residual.reshape(B, -1).contiguous()
+    m1 = _contig(mask)
+    be = _backend(hidden)
+    _write_back(out, lambda buf: be.residual_apply_(h2, r2, m1, out=buf.view(B, -1)))
+
+
+# residual_apply_(..., out=): its own registration, mutating out only, so that a
+# compiled graph keeps hidden as is (declaring hidden mutated would make the
+# functionalized graph copy it first: the pass out= exists to save)
+_residual_apply_out = torch.library.custom_op("teacache_fast::residual_apply_out_",
+                                              _residual_apply_out_impl, mutates_args=("out",))
+
+
+@_residual_apply_out.register_fake
+def _(hidden, residual, mask, out):
+    return None
+
+
+def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor] = None, *,
+                    out: Optional[Tensor] = None) -> None:
     """``hidden += residual`` in place (fp32 add, rounded once to hidden's dtype).
 
     mask: optional (B,) bool tensor on hidden's device; only samples whose
     mask is set change. residual may have another float dtype or device.
+    out: write ``hidden + residual`` into ``out`` instead (hidden's dtype,
+    shape and device, sharing memory with neither input) and leave hidden as
+    it is: one pass (read hidden and residual, write out), where
+    ``hidden.clone()`` then an in-place add takes two. Samples whose mask is
+    not set get hidden's values copied, bit for bit.
     """
     _check_tensor("hidden", hidden)
-    _check_writable("hidden", hidden)
+    if out is None:
+        _check_writable("hidden", hidden)
     _check_tensor("residual", residual)
     _check_same_shape("residual", residual, "hidden", hidden)
     if mask is not None:
@@ -360,4 +402,40 @@ def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor] = N
         if mask.shape != (hidden.shape[0],):
             raise ValueError(f"mask must have shape ({hidden.shape[0]},) (one flag per sample of "
                              f"hidden), got {tuple(mask.shape)}")
-    _dispatch(_residual_apply_impl, _residual_apply, hidden)(hidden, residual, mask)
+    if out is None:
+        _dispatch(_residual_apply_impl, _residual_apply, hidden)(hidden, residual, mask)
+        return
+    _check_out(out, hidden, residual)
+    _dispatch(_residual_apply_out_impl, _residual_apply_out, hidden)(hidden, residual, mask, out)
+
+
+# --------------------------------------------------------------------------- span end (sync-free)
+
+def _finish_span_impl(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) -> None:
+    i1 = inp.reshape(-1).contiguous()
+    be = _backend(out)
+
+    def run(o: Tensor) -> None:
+        _write_back(residual, lambda r: be.finish_span_(compute, o.view(-1), i1, r.view(-1)))
+
+    _write_back(out, run)
+
+
+_finish_span = torch.library.custom_op("teacache_fast::finish_span_", _finish_span_impl,
+                                       mutates_args=("out", "residual"))
+
+
+@_finish_span.register_fake
+def _(compute, out, inp, residual):
+    return None
+
+
+def finish_span_(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) -> None:
+    """The end of a sync-free cached span, chosen on the device by ``compute``
+    (a 0-d bool tensor; no host read): set, ``residual = out - inp`` (out, the
+    blocks' output, kept); clear, ``out += residual`` (out holds the span's
+    input passed through; residual kept). The numerics of residual_capture_
+    and residual_apply_; the CUDA backend does it in one launch and one pass.
+    Not one of OP_NAMES: the sync-free wrapper's building block."""
+    _check_span(compute, out, inp, residual)
+    _dispatch(_finish_span_impl, _finish_span, out)(compute, out, inp, residual)

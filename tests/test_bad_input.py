@@ -120,6 +120,12 @@ CASES = [
     ("ops.residual_apply_(hidden, residual, mask.to('meta'))", ValueError, "mask"),
     ("ops.residual_apply_(hidden[:1].expand(2, 3, 4), residual)", ValueError, "hidden"),
     ("ops.residual_apply_(torch.zeros(2, 1, 4).expand(2, 3, 4), residual)", ValueError, "hidden"),
+    ("ops.residual_apply_(hidden, residual, out=out.half())", TypeError, "out"),
+    ("ops.residual_apply_(hidden, residual, out=out[:, :1])", ValueError, "out"),
+    ("ops.residual_apply_(hidden, residual, out=out.to('meta'))", ValueError, "out"),
+    ("ops.residual_apply_(hidden, residual, out=out[:1].expand(2, 3, 4))", ValueError, "out"),
+    ("ops.residual_apply_(hidden, residual, out=residual)", ValueError, "out"),
+    ("ops.residual_apply_(hidden, residual, out=hidden)", ValueError, "out"),
     # ---- TeaCacheConfig (apply_teacache's settings)
     ("TeaCacheConfig(coefficients=coeffs, cache_device='meta').validate()", ValueError, "cache_device"),
     ("TeaCacheConfig(coefficients=coeffs, cache_device='gpu').validate()", ValueError, "cache_device"),

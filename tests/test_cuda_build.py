@@ -95,10 +95,34 @@ def test_misaligned_and_odd_width_match_torch(dtype, offset, width):
             res = torch.empty(B, R, width, dtype=torch.float32, device="cuda")
             ops.residual_capture_(x, p, res)
             h = misaligned_copy(prev)
-            ops.residual_apply_(h, res, torch.tensor([True, False], device="cuda"))
+            hidden = misaligned_copy(prev)
+            o = misaligned_copy(torch.full_like(prev, float("nan")))
+            mask = torch.tensor([True, False], device="cuda")
+            ops.residual_apply_(hidden, res, mask, out=o)   # out of place: hidden kept
+            ops.residual_apply_(h, res, mask)
+            assert torch.equal(o, h) and torch.equal(hidden, prev), name
             results[name] = (partials, p.float(), res, h.float())
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     for got, want in zip(results["cuda"], results["torch"]):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     # the masked-out sample is untouched, bit for bit
     assert torch.equal(results["cuda"][3][1], prev[1].float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compute", [False, True])
+@pytest.mark.parametrize("res_dtype", [torch.float32, torch.bfloat16])
+def test_finish_span_one_launch_matches_torch(compute, res_dtype):
+    g = torch.Generator(device="cuda").manual_seed(3)
+    out0 = torch.randn(2, 7, 1031, generator=g, device="cuda").bfloat16()
+    inp = torch.randn(2, 7, 1031, generator=g, device="cuda").bfloat16()
+    res0 = torch.randn(2, 7, 1031, generator=g, device="cuda").to(res_dtype)
+    flag = torch.tensor(compute, device="cuda")
+    results = {}
+    for name in ("torch", "cuda"):
+        out, res = out0.clone(), res0.clone()
+        with torch.no_grad(), use_backend(name):
+            ops.finish_span_(flag, out, inp, res)
+        results[name] = (out, res)
+    for got, want in zip(results["cuda"], results["torch"]):
+        assert torch.equal(got, want)

@@ -72,6 +72,8 @@ _SIGNATURES = {
     "tcf_teacache_decide": ([_V, _V, _V, _I, _D, _V, _I64, _I, _V, _I64, _V], _I),
     "tcf_residual_capture": ([_V, _V, _V, _I64, _I, _I, _V], _I),
     "tcf_residual_apply": ([_V, _V, _V, _I64, _I64, _I, _I, _V], _I),
+    "tcf_residual_apply_out": ([_V, _V, _V, _V, _I64, _I64, _I, _I, _V], _I),
+    "tcf_finish_span": ([_V, _V, _V, _V, _I64, _I, _I, _V], _I),
     "tcf_emu_set_device": ([_I, _I], _I),
     "tcf_emu_set_grid_limits": ([ctypes.c_uint] * 3, None),
     "tcf_emu_set_order": ([_I, _I], None),
@@ -197,6 +199,17 @@ class Emu:
         self.call("tcf_residual_apply", hidden.data_ptr(), residual.data_ptr(),
                   0 if mask_bytes is None else mask_bytes.data_ptr(), B, L, CODES[hidden.dtype],
                   CODES[residual.dtype], None)
+
+    def residual_apply_out(self, hidden, residual, mask_bytes, out):
+        B, L = hidden.shape
+        self.call("tcf_residual_apply_out", hidden.data_ptr(), residual.data_ptr(),
+                  0 if mask_bytes is None else mask_bytes.data_ptr(), out.data_ptr(), B, L,
+                  CODES[hidden.dtype], CODES[residual.dtype], None)
+
+
+    def finish_span_(self, compute_byte, out, inp, residual):
+        self.call("tcf_finish_span", compute_byte.data_ptr(), out.data_ptr(), inp.data_ptr(),
+                  residual.data_ptr(), out.numel(), CODES[out.dtype], CODES[residual.dtype], None)
 
 
 ASAN_TEST = "test_everything_again_under_address_sanitizer"
@@ -558,6 +571,24 @@ def test_decide_abs_accumulation_matches_torch_and_host_bitwise(emu, accumulate_
     assert bool((state[:, 0] >= 0).all()) or not accumulate_abs
 
 
+@pytest.mark.parametrize("max_skips", [-1, 1])
+def test_decide_host_bool_force_as_never_skip_matches_forced_flags(emu, max_skips):
+    """What backends/cuda.py passes for force=True (NULL flags, threshold 0) gives
+    the flags and state of a force byte set for every state, bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    S = 9
+    partials = torch.stack((torch.rand(S, generator=g), torch.rand(S, generator=g) + 0.5), 1)
+    partials[0, 1] = 0.0
+    state = torch.stack((torch.rand(S, generator=g), torch.randint(0, 3, (S,), generator=g).float()), 1)
+    state[1, 1] = float("nan")
+    coeffs = [1.0, -0.5, 0.25]
+    st_flags, st_scalar = state.clone(), state.clone()
+    want = emu.teacache_decide_(partials, st_flags, coeffs, 0.4, torch.ones(S, dtype=torch.uint8), max_skips)
+    got = emu.teacache_decide_(partials, st_scalar, coeffs, 0.0, None, max_skips)
+    assert torch.equal(got, want) and bool(got.all())
+    _assert_bits(st_scalar, st_flags)
+
+
 def test_decide_hand_worked_sequence(emu):
     inf, nan = float("inf"), float("nan")
     steps = [(0.0, 0.0, 1), (0.2, 1.0, 0), (0.2, 1.0, 0), (0.2, 1.0, 0), (nan, 1.0, 0), (0.1, 0.0, 0),
@@ -657,6 +688,107 @@ def test_residual_apply_misaligned(emu, dtype, res_dtype, shifts):
     ref.residual_apply_(want, r0, mask != 0)
     _assert_bits(hidden, want)
     assert torch.equal(_lead(hidden), lead)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("res_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("L", [1, 3, 3072])
+def test_residual_apply_out(emu, dtype, res_dtype, mask, L):
+    """out = hidden + residual: the in-place op's bits, hidden untouched, masked-out
+    samples copied, and every element of out written (it starts as NaN)."""
+    B = 5
+    hidden, residual = _rand((B, L), dtype, 36), _rand((B, L), res_dtype, 37, 0.5)
+    mask_bytes = None if MASKS[mask] is None else torch.tensor(MASKS[mask], dtype=torch.uint8)
+    want = hidden.clone()
+    emu.residual_apply_(want, residual, mask_bytes)
+    h0 = hidden.clone()
+    out = torch.full_like(hidden, float("nan"))
+    emu.residual_apply_out(hidden, residual, mask_bytes, out)
+    _assert_bits(out, want)
+    _assert_bits(hidden, h0)
+    ref_out = torch.empty_like(hidden)
+    ref.residual_apply_(hidden, residual, None if mask_bytes is None else mask_bytes != 0, out=ref_out)
+    _assert_bits(out, ref_out)
+
+
+@pytest.mark.parametrize("dtype,res_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float32, torch.float16)], ids=str)
+@pytest.mark.parametrize("shifts", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)])
+def test_residual_apply_out_misaligned(emu, dtype, res_dtype, shifts):
+    B, L = 3, 1001
+    h0, r0 = _rand((B, L), dtype, 38), _rand((B, L), res_dtype, 39)
+    hidden, residual = _shifted(h0, shifts[0]), _shifted(r0, shifts[1])
+    out = _shifted(torch.full_like(h0, float("nan")), shifts[2])
+    lead = _lead(out)
+    mask = torch.tensor([1, 0, 2], dtype=torch.uint8)
+    emu.residual_apply_out(hidden, residual, mask, out)
+    want = h0.clone()
+    ref.residual_apply_(want, r0, mask != 0)
+    _assert_bits(out, want)
+    _assert_bits(hidden, h0)
+    assert torch.equal(_lead(out), lead), "wrote before out"
+
+
+def test_residual_apply_out_rejects_out_equal_to_hidden(emu):
+    h = torch.zeros(2, 4)
+    st, msg = emu.status("tcf_residual_apply_out", h.data_ptr(), h.data_ptr(), None, h.data_ptr(),
+                         2, 4, 0, 0, None)
+    assert st == INVALID and "out must not be hidden" in msg, msg
+    st, msg = emu.status("tcf_residual_apply_out", h.data_ptr(), h.data_ptr(), None, None, 2, 4, 0, 0,
+                         None)
+    assert st == INVALID and "out must not be NULL" in msg, msg
+
+
+def _span_end_reference(compute: bool, out, inp, residual):
+    """The composed span end (capture, select, masked apply) of the torch backend."""
+    out, residual = out.clone(), residual.clone()
+    ref.finish_span_(torch.tensor(compute), out, inp, residual)
+    return out, residual
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("res_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flag", [0, 1, 2])   # byte 2: "compute" too
+@pytest.mark.parametrize("n", [1, 3, 3072, 40001])
+def test_finish_span_one_pass_matches_the_composed_ops(emu, dtype, res_dtype, flag, n):
+    out, inp = _rand((n,), dtype, 50, 2.0), _rand((n,), dtype, 51)
+    residual = _rand((n,), res_dtype, 52, 0.5)
+    want_out, want_res = _span_end_reference(flag != 0, out, inp, residual)
+    inp0 = inp.clone()
+    before = emu.counters()
+    emu.finish_span_(torch.tensor([flag], dtype=torch.uint8), out, inp, residual)
+    assert emu.counters()[0] - before[0] == 1, "one launch"
+    _assert_bits(out, want_out)
+    _assert_bits(residual, want_res)
+    _assert_bits(inp, inp0)
+
+
+@pytest.mark.parametrize("shifts", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)])
+@pytest.mark.parametrize("flag", [0, 1])
+def test_finish_span_misaligned(emu, shifts, flag):
+    n = 1001
+    o0, i0, r0 = _rand((n,), torch.bfloat16, 53), _rand((n,), torch.bfloat16, 54), _rand((n,), torch.float32, 55)
+    out, inp, residual = _shifted(o0, shifts[0]), _shifted(i0, shifts[1]), _shifted(r0, shifts[2])
+    lead_o, lead_r = _lead(out), _lead(residual)
+    want_out, want_res = _span_end_reference(bool(flag), o0, i0, r0)
+    emu.finish_span_(torch.tensor([flag], dtype=torch.uint8), out, inp, residual)
+    _assert_bits(out, want_out)
+    _assert_bits(residual, want_res)
+    assert torch.equal(_lead(out), lead_o) and torch.equal(_lead(residual), lead_r)
+
+
+def test_finish_span_bad_arguments(emu):
+    h = torch.zeros(4)
+    st, msg = emu.status("tcf_finish_span", None, h.data_ptr(), h.data_ptr(), h.data_ptr(), 4, 0, 0, None)
+    assert st == INVALID and "compute must not be NULL" in msg, msg
+    flag = torch.ones(1, dtype=torch.uint8)
+    st, msg = emu.status("tcf_finish_span", flag.data_ptr(), h.data_ptr(), h.data_ptr(), h.data_ptr(), -1,
+                         0, 0, None)
+    assert st == INVALID and "numel must be >= 0" in msg, msg
+    st, msg = emu.status("tcf_finish_span", flag.data_ptr(), h.data_ptr(), h.data_ptr(), h.data_ptr(), 4,
+                         0, 9, None)
+    assert st == INVALID and "residual_dtype code 9" in msg, msg
 
 
 @pytest.mark.skipif(IN_ASAN_CHILD, reason="65535 blocks of 256 fibers: 12 s under ASan; the plain build runs it")

@@ -76,7 +76,7 @@ for _kernel in ("modulate_rows_kernel<%s>" % v for v in (
     KNOWN_SHORTFALLS.setdefault(("cuda", _kernel, None), {}).update(x_passes=3, loads_before_barrier=False)
 
 # Kernels whose work is a row / an elementwise range (the bandwidth-bound ones).
-ROW_KERNELS = re.compile(r"^(modulate_rows_kernel|rel_l1_kernel|capture_kernel|apply_kernel|"
+ROW_KERNELS = re.compile(r"^(modulate_rows_kernel|rel_l1_kernel|capture_kernel|apply_kernel|span_end_kernel|"
                          r"_modulate_kernel|_modulated_rel_l1_kernel|_rel_l1_partials_kernel|"
                          r"_residual_capture_kernel|_residual_apply_kernel)\b")
 # The input that holds the row (read once per row is the promise for every input).
@@ -85,6 +85,7 @@ MAIN_INPUT = {"modulate_rows_kernel": "x", "_modulate_kernel": "x_ptr", "_modula
 EXPECTED_INPUTS = {
     "modulate_rows_kernel": {"x", "scale", "shift"}, "rel_l1_kernel": {"cur", "prev"},
     "capture_kernel": {"out", "inp"}, "apply_kernel": {"hidden", "residual"},
+    "span_end_kernel": {"out", "inp", "residual"},
     "_modulate_kernel": {"x_ptr", "scale_ptr", "shift_ptr"},
     "_modulated_rel_l1_kernel": {"x_ptr", "scale_ptr", "shift_ptr", "prev_ptr"},
     "_rel_l1_partials_kernel": {"cur_ptr", "prev_ptr"},
@@ -92,7 +93,7 @@ EXPECTED_INPUTS = {
     "_residual_apply_kernel": {"hidden_ptr", "res_ptr"},
 }
 # Per-sample scalars read once per row loop iteration, not row data.
-NOT_ROW_DATA = {"mask"}
+NOT_ROW_DATA = {"mask", "compute"}  # compute: the span end's device flag, one byte
 SIZES = {"F32": 4, "F16": 2, "BF16": 2}
 
 
@@ -139,12 +140,13 @@ def test_every_kernel_is_reported(report):
     facts, _ = report
     names = {(k["backend"], _base(k)) for k in facts["kernels"]}
     assert names == {("cuda", n) for n in ("modulate_rows_kernel", "rel_l1_kernel", "finish_partials_kernel",
-                                          "capture_kernel", "apply_kernel", "decide_kernel")} | \
+                                          "capture_kernel", "apply_kernel", "span_end_kernel",
+                                          "decide_kernel")} | \
         {("triton", n) for n in ("_modulate_kernel", "_modulated_rel_l1_kernel", "_sum_partials_kernel",
                                  "_rel_l1_partials_kernel", "_residual_capture_kernel",
                                  "_residual_apply_kernel", "_decide_kernel")}
     cuda = [k for k in facts["kernels"] if k["backend"] == "cuda"]
-    assert len(cuda) == 10 + 3 + 1 + 9 + 9 + 1  # every template instance
+    assert len(cuda) == 10 + 3 + 1 + 9 + 9 + 9 + 1  # every template instance
     for key in KNOWN_SHORTFALLS:  # the table names real kernels
         assert any((k["backend"], k["name"]) == key[:2] and key[2] in (None, k.get("extra", {}).get("dtype"))
                    for k in facts["kernels"]), key
@@ -172,7 +174,7 @@ def _expected_bits(k: dict, param: str) -> int:
         return 128
     kernel, main, other = m.groups()
     vec = 16 // SIZES[main]
-    second = {"capture_kernel": {"residual"}, "apply_kernel": {"residual"},
+    second = {"capture_kernel": {"residual"}, "apply_kernel": {"residual"}, "span_end_kernel": {"residual"},
               "modulate_rows_kernel": {"scale", "shift"}}[kernel]
     return min(128, vec * SIZES[other] * 8) if param in second else 128
 

@@ -56,6 +56,12 @@ static void check_validation(void) {
                "numel must be >= 0", "residual_capture with a negative size");
   expect_error(tcf_residual_apply(fake, NULL, NULL, 2, 4, TCF_FLOAT32, TCF_BFLOAT16, 0),
                "residual must not be NULL", "residual_apply with a NULL residual");
+  expect_error(tcf_residual_apply_out(fake, fake, NULL, fake, 2, 4, TCF_FLOAT32, TCF_FLOAT32, 0),
+               "out must not be hidden", "residual_apply_out into hidden itself");
+  expect_error(tcf_residual_apply_out(fake, fake, NULL, NULL, 2, 4, TCF_FLOAT32, TCF_FLOAT32, 0),
+               "out must not be NULL", "residual_apply_out with a NULL out");
+  expect_error(tcf_finish_span(NULL, fake, fake, fake, 4, TCF_BFLOAT16, TCF_FLOAT32, 0),
+               "compute must not be NULL", "finish_span without its device flag");
 }
 
 #define CUDA_OK(call)                                                          \

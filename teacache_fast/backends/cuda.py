@@ -171,8 +171,11 @@ def modulated_rel_l1_(x: Tensor, scale, shift, prev: Tensor, norm: str, eps: flo
 
 
 def teacache_decide_(partials: Tensor, state: Tensor, coefficients: Sequence[float],
-                     threshold: float, force: Tensor, max_skips: int,
+                     threshold: float, force, max_skips: int,
                      accumulate_abs: bool = False) -> Tensor:
+    """force: (S,) bool flags, or a Python bool for every state: False passes
+    NULL (no forced step), True the never-skip rule (threshold 0), which
+    computes and resets every state exactly as a forced step does."""
     lib = _lib()
     for name, t in (("partials", partials), ("state", state)):
         if _check(name, t, partials.device) != _DTYPE_CODES[torch.float32] or t.dim() != 2 \
@@ -183,11 +186,16 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients: Sequence[flo
         raise ValueError(f"state must have the shape of partials {tuple(partials.shape)}, "
                          f"got {tuple(state.shape)}")
     S = partials.shape[0]
-    _check_flags("force", force, S, partials.device)
+    force_ptr = 0
+    if isinstance(force, Tensor):
+        _check_flags("force", force, S, partials.device)
+        force_ptr = force.data_ptr()
+    elif force:
+        threshold = 0.0
     compute = torch.empty(S, dtype=torch.bool, device=partials.device)
     with torch.cuda.device(partials.device):
         _call(lib.teacache_decide_, partials.data_ptr(), state.data_ptr(),
-              [float(c) for c in coefficients], float(threshold), force.data_ptr(),
+              [float(c) for c in coefficients], float(threshold), force_ptr,
               int(max_skips), bool(accumulate_abs), compute.data_ptr(), S, _stream(partials.device))
     return compute
 
@@ -206,7 +214,9 @@ def residual_capture_(out: Tensor, inp: Tensor, residual: Tensor) -> None:
               out.numel(), code, rcode, _stream(out.device))
 
 
-def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor]) -> None:
+def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor],
+                    out: Optional[Tensor] = None) -> None:
+    """hidden += residual, or with ``out`` out = hidden + residual (hidden kept)."""
     lib = _lib()
     code = _check("hidden", hidden)
     rcode = _check("residual", residual, hidden.device)
@@ -218,6 +228,28 @@ def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor]) ->
     if mask is not None:
         _check_flags("mask", mask, B, hidden.device)
         mask_ptr = mask.data_ptr()
+    out_ptr = 0
+    if out is not None:
+        if _check("out", out, hidden.device) != code or out.shape != hidden.shape:
+            raise ValueError(f"out must match hidden ({hidden.dtype} {tuple(hidden.shape)}), "
+                             f"got {out.dtype} {tuple(out.shape)}")
+        out_ptr = out.data_ptr()
     with torch.cuda.device(hidden.device):
         _call(lib.residual_apply_, hidden.data_ptr(), residual.data_ptr(), mask_ptr, B, L, code,
-              rcode, _stream(hidden.device))
+              rcode, _stream(hidden.device), out_ptr)
+
+
+def finish_span_(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) -> None:
+    """The sync-free span end in one launch and one pass (tcf_finish_span)."""
+    lib = _lib()
+    code = _check("out", out)
+    if _check("inp", inp, out.device) != code or inp.numel() != out.numel():
+        raise ValueError(f"inp must match out ({out.dtype}, {out.numel()} elements), "
+                         f"got {inp.dtype}, {inp.numel()}")
+    rcode = _check("residual", residual, out.device)
+    if residual.numel() != out.numel():
+        raise ValueError(f"residual must have {out.numel()} elements, got {residual.numel()}")
+    _check_flags("compute", compute.reshape(1), 1, out.device)
+    with torch.cuda.device(out.device):
+        _call(lib.finish_span_, compute.data_ptr(), out.data_ptr(), inp.data_ptr(), residual.data_ptr(),
+              out.numel(), code, rcode, _stream(out.device))

@@ -174,7 +174,9 @@ def poly_eval(coefficients: Sequence[float], r: torch.Tensor) -> torch.Tensor:
 
 def teacache_decide_(partials, state, coefficients, threshold: float, force, max_skips: int,
                      accumulate_abs: bool = False) -> torch.Tensor:
-    """Steps 3-4 of the algorithm for S independent states (see ops.teacache_decide_)."""
+    """Steps 3-4 of the algorithm for S independent states (see ops.teacache_decide_).
+
+    force: (S,) bool flags, or a Python bool for every state (no tensor made)."""
     num, den = partials[:, 0], partials[:, 1]
     acc, skips = state[:, 0], state[:, 1]
     rel = num / den
@@ -204,18 +206,39 @@ def residual_capture_(out, inp, residual) -> None:
         torch.sub(out[i:i + step].float(), inp[i:i + step].float(), out=residual[i:i + step])
 
 
-def residual_apply_(hidden, residual, mask) -> None:
+def residual_apply_(hidden, residual, mask, out=None) -> None:
+    """hidden (+)= residual; with ``out`` (not hidden itself): out = hidden +
+    residual, hidden untouched, masked-out samples copied from hidden."""
+    dst = hidden if out is None else out
     if mask is None:
-        # in-place add with type promotion: fp32 arithmetic, one rounding to hidden's dtype
-        hidden.add_(residual)
+        # type promotion: fp32 arithmetic, one rounding to hidden's dtype; one pass
+        # (read both, write dst) whether in place or not
+        torch.add(hidden, residual, out=dst)
         return
     B, L = hidden.shape
     step = _CHUNK_ELEMS
     for b in range(B):
         for i in range(0, L, step):
-            h = hidden[b, i:i + step]
-            h32 = h.float()
+            h32 = hidden[b, i:i + step].float()
             new = h32 + residual[b, i:i + step].float()
             # torch.where keeps the mask on the device (no host sync) and leaves
             # masked-out samples bit for bit as they were
-            h.copy_(torch.where(mask[b], new, h32))
+            dst[b, i:i + step].copy_(torch.where(mask[b], new, h32))
+
+
+def composed_finish_span(capture, apply):
+    """finish_span_ from a backend's residual_capture_ and residual_apply_: the
+    capture into a fresh buffer, a device select of the residual, the masked
+    apply (the backends without a fused span-end kernel)."""
+
+    def finish_span_(compute, out, inp, residual) -> None:
+        """compute (0-d bool): residual <- out - inp; else out += residual. Flat, contiguous."""
+        fresh = torch.empty_like(residual)
+        capture(out, inp, fresh)
+        residual.copy_(torch.where(compute, fresh, residual))
+        apply(out.view(1, -1), residual.view(1, -1), torch.logical_not(compute).reshape(1))
+
+    return finish_span_
+
+
+finish_span_ = composed_finish_span(residual_capture_, residual_apply_)

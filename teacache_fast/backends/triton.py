@@ -21,6 +21,8 @@ from teacache_fast.kernels import modulate as _modulate
 from teacache_fast.kernels import rel_l1 as _rel_l1
 from teacache_fast.kernels import residual as _residual
 
+from .torch import composed_finish_span
+
 # Widest vector a program works on at once. On a GPU 4096 elements over 16
 # warps is 8 per thread: 16-byte loads for 16-bit dtypes, few registers. Under
 # the interpreter a program costs ~20 ms whatever its width, but rows keep a
@@ -206,10 +208,14 @@ def residual_capture_(out, inp, residual) -> None:
                                     tiles_per_program=cfg.per_program, num_warps=cfg.num_warps)
 
 
-def residual_apply_(hidden, residual, mask) -> None:
+def residual_apply_(hidden, residual, mask, out=None) -> None:
     B, L = hidden.shape
     cfg = flat_config(L, B, hidden.device, kernel="_residual_apply_kernel",
                       itemsize=hidden.element_size())
     with _on(hidden.device):
         _residual.residual_apply_(hidden, residual, mask, block=cfg.block,
-                                  tiles_per_program=cfg.per_program, num_warps=cfg.num_warps)
+                                  tiles_per_program=cfg.per_program, num_warps=cfg.num_warps, out=out)
+
+
+# the sync-free span end: capture, a device select, the masked apply (no fused kernel)
+finish_span_ = composed_finish_span(residual_capture_, residual_apply_)

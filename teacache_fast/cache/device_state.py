@@ -163,11 +163,7 @@ def finish_span_(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) ->
     ``residual`` (updated in place) may have another float dtype than the
     stream; it lives on the stream's device.
     """
-    fresh = torch.empty_like(residual)
-    ops.residual_capture_(out, inp, fresh)
-    residual.copy_(torch.where(compute, fresh, residual))
-    skip = (~compute).reshape(1).expand(out.shape[0]).contiguous()
-    ops.residual_apply_(out, residual, mask=skip)
+    ops.finish_span_(compute, out, inp, residual)  # one launch on the CUDA backend
     return out
 
 

@@ -145,10 +145,11 @@ class BranchState:
         """A skipped step: ``inp + residual`` as a new tensor.
 
         Not in place: ``inp`` belongs to the model's code, which may still
-        hold it (long skip connections).
+        hold it (long skip connections). Out of place in one pass (read inp
+        and the residual, write the result), not a clone then an add.
         """
-        h = inp.clone()
-        ops.residual_apply_(h, self.residual)
+        h = torch.empty_like(inp)
+        ops.residual_apply_(inp, self.residual, out=h)
         return h
 
     def capture_and_apply_(self, out: Tensor, inp: Tensor, computing: Tensor,
@@ -159,9 +160,9 @@ class BranchState:
         fresh = torch.empty(out.shape, dtype=residual.dtype, device=residual.device)
         ops.residual_capture_(out, inp.index_select(0, computing.to(inp.device)), fresh)
         residual.index_copy_(0, computing.to(residual.device), fresh)
-        h = inp.clone()
-        ops.residual_apply_(h, residual, mask=skip_mask)
-        h.index_copy_(0, computing.to(h.device), out)
+        h = torch.empty_like(inp)
+        ops.residual_apply_(inp, residual, mask=skip_mask, out=h)  # the computed ones: inp, then...
+        h.index_copy_(0, computing.to(h.device), out)  # ...their outputs
         return h
 
 
