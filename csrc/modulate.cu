@@ -22,10 +22,12 @@ namespace tcf {
 namespace {
 
 // The looped kernel for rows wider than the register budget. BLOCKS: the
-// resident blocks per SM its grid assumes and its __launch_bounds__ minimum
-// (loop_blocks_per_sm).
+// resident blocks per SM its grid assumes (loop_blocks_per_sm). It carries no
+// __launch_bounds__: with (256, BLOCKS), or (256) alone, ptxas spills 8-68
+// bytes in its row loops (measured); unbounded it fits BLOCKS in its register
+// count with no spills, which the kernel report checks.
 template <typename T, typename P, bool INDICATOR, int BLOCKS>
-__global__ void __launch_bounds__(kThreads, BLOCKS) modulate_rows_kernel(const typename T::storage *__restrict__ x,
+__global__ void modulate_rows_kernel(const typename T::storage *__restrict__ x,
                                      const typename P::storage *__restrict__ scale,
                                      int64_t scale_stride,
                                      const typename P::storage *__restrict__ shift,
@@ -203,8 +205,8 @@ constexpr int kMaxRowPacks = 4;
 constexpr int kRowRegsOverhead = 24;
 
 // The looped kernel fits kBlocksPerSm blocks in 32 registers, except the fp32
-// indicator: it needs 36 (at 32, i.e. __launch_bounds__(256, 8), it spills 8-32
-// bytes in the row loop: measured), so its grid assumes the 6 blocks that fit.
+// indicator: it needs 36 (capped at 32 it spills: measured), so its grid
+// assumes the 6 blocks that fit.
 template <typename T, bool INDICATOR>
 constexpr int loop_blocks_per_sm() {
   return sizeof(typename T::storage) == 4 && INDICATOR ? 6 : kBlocksPerSm;
