@@ -15,7 +15,7 @@ namespace tcf {
 template <int PACKS, int VEC>
 struct RowRegs {
   float v[PACKS][VEC];
-  float tail;
+  float tail = 0.f;  // only read where loaded; set so no compiler sees it unset
 };
 
 template <typename S, int PACKS, int VEC>
