@@ -142,29 +142,42 @@ __device__ __forceinline__ void regs_row(const typename T::storage *xr, const ty
   constexpr int VEC = vec_of<T>();
   const int64_t npacks = cols / VEC, ntail = cols % VEC;
   const bool aligned = aligned16(xr) && aligned16(outr) && aligned16(sc) && aligned16(sh);
-  RowRegs<PACKS, VEC> m, s, t, pv;  // every load of the row before the first barrier
-  load_share<T>(xr, npacks, ntail, aligned, m);
-  if (sc) load_share<P>(sc, npacks, ntail, aligned, s);
-  if (sh) load_share<P>(sh, npacks, ntail, aligned, t);
-  if constexpr (INDICATOR) load_share<T>(outr, npacks, ntail, aligned, pv);
-  const float2 st = held_stats(m, npacks, ntail, cols, norm, eps);
-  each_held<PACKS, VEC>(npacks, ntail, [&](int k, int j) {
-    float &v = k < 0 ? m.tail : m.v[k][j];
-    v = __fmul_rn(__fsub_rn(v, st.x), st.y);
-    if (sc) v = __fmul_rn(v, __fadd_rn(1.0f, k < 0 ? s.tail : s.v[k][j]));
-    if (sh) v = __fadd_rn(v, k < 0 ? t.tail : t.v[k][j]);
+  // every load of the row before the first barrier
+  RowRegs<T, PACKS, VEC> xv, pv;
+  RowRegs<P, PACKS, VEC> s, t;
+  load_share(xr, npacks, ntail, aligned, xv);
+  if (sc) load_share(sc, npacks, ntail, aligned, s);
+  if (sh) load_share(sh, npacks, ntail, aligned, t);
+  if constexpr (INDICATOR) load_share(outr, npacks, ntail, aligned, pv);
+  const float2 st = held_stats(xv, npacks, ntail, cols, norm, eps);
+  auto m_at = [&](int k, int j) {  // m of one held element; the indicator's sums
+    float v = __fmul_rn(__fsub_rn(xv.at(k, j), st.x), st.y);
+    if (sc) v = __fmul_rn(v, __fadd_rn(1.0f, s.at(k, j)));
+    if (sh) v = __fadd_rn(v, t.at(k, j));
     if constexpr (INDICATOR) {
-      const float p = k < 0 ? pv.tail : pv.v[k][j];
+      const float p = pv.at(k, j);
       v = T::to_f(T::from_f(v));  // compare what gets stored
       acc.x += fabsf(v - p);
       acc.y += fabsf(p);
     }
-  });
-  store_share<T>(outr, npacks, ntail, aligned, m);
+    return v;
+  };
+#pragma unroll
+  for (int k = 0; k < PACKS; ++k) {  // for_each_fixed's order: packs, then the tail
+    const int64_t pk = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    if (pk < npacks) {
+      float m[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) m[j] = m_at(k, j);
+      if (aligned) store_as<T, VEC, true>(outr + pk * VEC, m);
+      else store_as<T, VEC, false>(outr + pk * VEC, m);
+    }
+  }
+  if (threadIdx.x < ntail) outr[npacks * VEC + threadIdx.x] = T::from_f(m_at(-1, 0));
 }
 
 // BLOCKS: the resident 256-thread blocks per SM this variant's grid is sized
-// for, and its __launch_bounds__ (regs_blocks_per_sm picks it from the row held).
+// for, and its __launch_bounds__ (regs_blocks_per_sm).
 template <typename T, typename P, bool INDICATOR, int PACKS, int BLOCKS>
 __global__ void __launch_bounds__(kThreads, BLOCKS)
     modulate_regs_kernel(const typename T::storage *__restrict__ x,
@@ -199,10 +212,8 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
 }
 
 // Rows of up to kMaxRowPacks packs per thread (of row_threads) are held in
-// registers: C <= 8192 for 16-bit x, C <= 4096 for fp32 x. kRowRegsOverhead:
-// the registers the kernel needs besides the row (indices, pointers, sums).
+// registers: C <= 8192 for 16-bit x, C <= 4096 for fp32 x.
 constexpr int kMaxRowPacks = 4;
-constexpr int kRowRegsOverhead = 24;
 
 // The looped kernel fits kBlocksPerSm blocks in 32 registers, except the fp32
 // indicator: it needs 36 (capped at 32 it spills: measured), so its grid
@@ -212,16 +223,17 @@ constexpr int loop_blocks_per_sm() {
   return sizeof(typename T::storage) == 4 && INDICATOR ? 6 : kBlocksPerSm;
 }
 
-// Resident blocks per SM for a variant of the register row kernel: the 32-bit
-// words its threads hold (x, scale, shift, prev as fp32 per element) plus the
-// rest of the kernel, rounded up to the allocation unit of 8, in a 64 Ki
-// register file; capped at kBlocksPerSm.
+// Resident 256-thread blocks per SM each variant of the register row kernel
+// is compiled for (its __launch_bounds__) and its grid assumes: the most that
+// compile without spills (sm_90, nvcc 13; measured). 4 with up to 2 packs
+// per thread; with 4 packs 2 for the indicator (it also holds prev), 3 else;
+// one fewer for fp32 params of a 16-bit row (twice the words of scale and
+// shift). The kernel report test fails when a variant spills or fits more.
 template <typename T, typename P, bool INDICATOR, int PACKS>
 constexpr int regs_blocks_per_sm() {
-  constexpr int held = (PACKS * vec_of<T>() + 1) * (INDICATOR ? 4 : 3);
-  constexpr int regs = (held + kRowRegsOverhead + 7) / 8 * 8;
-  constexpr int blocks = 65536 / (kThreads * regs);
-  return blocks > kBlocksPerSm ? kBlocksPerSm : blocks;
+  constexpr bool wide = sizeof(typename P::storage) > sizeof(typename T::storage);
+  constexpr int base = PACKS <= 2 ? 4 : (INDICATOR ? 2 : 3);
+  return wide ? base - 1 : base;
 }
 
 int64_t row_chunks(int64_t rows) { return ceil_div(rows, kRowsPerChunk); }

@@ -10,23 +10,42 @@
 
 namespace tcf {
 
-// One thread's share of a row: PACKS packs of VEC (pack t + k * threads) and one
-// tail element (n - n % VEC + t, when t < n % VEC).
-template <int PACKS, int VEC>
+// One thread's share of a row of S: PACKS packs of VEC (pack t + k * threads)
+// as loaded, 32-bit words of raw bits (two 16-bit values per word), and one
+// tail element (n - n % VEC + t, when t < n % VEC). Held packed, a 16-bit row
+// takes half the registers; at() converts on use (exact).
+template <typename S, int PACKS, int VEC>
 struct RowRegs {
-  float v[PACKS][VEC];
+  static constexpr int kWords = VEC * static_cast<int>(sizeof(typename S::storage)) / 4;
+  unsigned w[PACKS][kWords];
   float tail = 0.f;  // only read where loaded; set so no compiler sees it unset
+
+  __device__ __forceinline__ float at(int k, int j) const {
+    if (k < 0) return tail;
+    if constexpr (kWords == VEC) return __uint_as_float(w[k][j]);
+    else return S::to_f(static_cast<unsigned short>(j % 2 ? w[k][j / 2] >> 16 : w[k][j / 2] & 0xffffu));
+  }
 };
 
 template <typename S, int PACKS, int VEC>
 __device__ __forceinline__ void load_share(const typename S::storage *p, int64_t npacks, int64_t ntail,
-                                           bool aligned, RowRegs<PACKS, VEC> &r) {
+                                           bool aligned, RowRegs<S, PACKS, VEC> &r) {
+  constexpr int W = RowRegs<S, PACKS, VEC>::kWords;
 #pragma unroll
   for (int k = 0; k < PACKS; ++k) {
     const int64_t pk = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
     if (pk < npacks) {
-      if (aligned) load_as<S, VEC, true>(p + pk * VEC, r.v[k]);
-      else load_as<S, VEC, false>(p + pk * VEC, r.v[k]);
+      const typename S::storage *q = p + pk * VEC;
+      if (aligned) {
+        load_words<W>(q, r.w[k]);
+      } else if constexpr (W == VEC) {  // element-aligned 32-bit values
+#pragma unroll
+        for (int j = 0; j < W; ++j) r.w[k][j] = reinterpret_cast<const unsigned *>(q)[j];
+      } else {
+#pragma unroll
+        for (int j = 0; j < W; ++j)
+          r.w[k][j] = static_cast<unsigned>(q[2 * j]) | (static_cast<unsigned>(q[2 * j + 1]) << 16);
+      }
     }
   }
   if (threadIdx.x < ntail) r.tail = S::to_f(p[npacks * VEC + threadIdx.x]);
@@ -47,11 +66,11 @@ __device__ __forceinline__ void each_held(int64_t npacks, int64_t ntail, F &&f) 
 
 // mean and rstd of the held row: exact two passes over registers, separately
 // rounded (no contraction), as the reference.
-template <int PACKS, int VEC>
-__device__ __forceinline__ float2 held_stats(const RowRegs<PACKS, VEC> &x, int64_t npacks, int64_t ntail,
+template <typename S, int PACKS, int VEC>
+__device__ __forceinline__ float2 held_stats(const RowRegs<S, PACKS, VEC> &x, int64_t npacks, int64_t ntail,
                                              int64_t cols, int norm, float eps) {
   const float fcols = static_cast<float>(cols);
-  auto at = [&](int k, int j) { return k < 0 ? x.tail : x.v[k][j]; };
+  auto at = [&](int k, int j) { return x.at(k, j); };
   float mean = 0.f, rstd = 1.f;
   if (norm == TCF_NORM_LAYER) {
     float sum = 0.f;
@@ -68,20 +87,6 @@ __device__ __forceinline__ float2 held_stats(const RowRegs<PACKS, VEC> &x, int64
   }
   if (!(rstd > 0.f)) rstd = NAN;  // overflowed sum of squares or a NaN input: poison m
   return make_float2(mean, rstd);
-}
-
-template <typename S, int PACKS, int VEC>
-__device__ __forceinline__ void store_share(typename S::storage *p, int64_t npacks, int64_t ntail,
-                                            bool aligned, const RowRegs<PACKS, VEC> &r) {
-#pragma unroll
-  for (int k = 0; k < PACKS; ++k) {
-    const int64_t pk = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-    if (pk < npacks) {
-      if (aligned) store_as<S, VEC, true>(p + pk * VEC, r.v[k]);
-      else store_as<S, VEC, false>(p + pk * VEC, r.v[k]);
-    }
-  }
-  if (threadIdx.x < ntail) p[npacks * VEC + threadIdx.x] = S::from_f(r.tail);
 }
 
 }  // namespace tcf
