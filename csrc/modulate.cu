@@ -228,7 +228,8 @@ constexpr int loop_blocks_per_sm() {
 // compile without spills (sm_90, nvcc 13; measured). 4 with up to 2 packs
 // per thread; with 4 packs 2 for the indicator (it also holds prev), 3 else;
 // one fewer for fp32 params of a 16-bit row (twice the words of scale and
-// shift). The kernel report test fails when a variant spills or fits more.
+// shift). The kernel report test fails when a variant spills, or fits more
+// or fewer blocks than this.
 template <typename T, typename P, bool INDICATOR, int PACKS>
 constexpr int regs_blocks_per_sm() {
   constexpr bool wide = sizeof(typename P::storage) > sizeof(typename T::storage);
