@@ -224,16 +224,16 @@ constexpr int loop_blocks_per_sm() {
 }
 
 // Resident 256-thread blocks per SM each variant of the register row kernel
-// is compiled for (its __launch_bounds__) and its grid assumes: the most that
-// compile without spills (sm_90, nvcc 13; measured). 4 with up to 2 packs
-// per thread; with 4 packs 2 for the indicator (it also holds prev), 3 else;
-// one fewer for fp32 params of a 16-bit row (twice the words of scale and
-// shift). The kernel report test fails when a variant spills, or fits more
-// or fewer blocks than this.
+// is compiled for (its __launch_bounds__) and its grid assumes, chosen by
+// compiling for sm_90 with nvcc 13: none spills, and one block more spills
+// for every indicator variant and for modulate with 4 packs (modulate with 2
+// packs at 6 was not tried). The indicator also holds prev; fp32 params of a
+// 16-bit row (twice the words) cost one block. The kernel report test fails
+// when a variant spills or fits another number of blocks than this.
 template <typename T, typename P, bool INDICATOR, int PACKS>
 constexpr int regs_blocks_per_sm() {
   constexpr bool wide = sizeof(typename P::storage) > sizeof(typename T::storage);
-  constexpr int base = PACKS <= 2 ? 4 : (INDICATOR ? 2 : 3);
+  constexpr int base = PACKS <= 2 ? (INDICATOR ? 4 : 5) : (INDICATOR ? 2 : 3);
   return wide ? base - 1 : base;
 }
 
