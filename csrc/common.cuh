@@ -314,9 +314,10 @@ inline int64_t workspace_floats_for(int64_t pairs) { return 1 + pairs * 2; }
 inline unsigned *ticket_of(float *workspace) { return reinterpret_cast<unsigned *>(workspace); }
 inline float *pairs_of(float *workspace) { return workspace + 1; }
 
-// Blocks per sample so that the whole grid fills the device about once.
-inline int64_t blocks_per_sample(int sms, int64_t batch, int64_t work_blocks) {
-  int64_t target = static_cast<int64_t>(sms) * kBlocksPerSm;
+// Blocks per sample so that the whole grid fills the device about once, for a
+// kernel of which per_sm blocks are resident per SM.
+inline int64_t blocks_per_sample(int sms, int64_t batch, int64_t work_blocks, int per_sm = kBlocksPerSm) {
+  int64_t target = static_cast<int64_t>(sms) * per_sm;
   int64_t per = (target + batch - 1) / (batch > 0 ? batch : 1);
   if (per > work_blocks) per = work_blocks;
   return per < 1 ? 1 : per;

@@ -5,17 +5,28 @@
 // per-block partials, and writes m into prev: one pass over x and prev.
 //
 // A block owns whole rows (LayerNorm/RMSNorm statistics need the full row), a
-// chunk of kRowsPerChunk rows at a time; the statistics passes re-read the row,
-// which is then still in L1/L2, so DRAM sees x once. Element ownership within
-// a row is fixed (for_each_fixed), so no bit depends on alignment or SM count.
+// chunk of kRowsPerChunk rows at a time. Rows of up to kMaxRowPacks packs per
+// thread take modulate_regs_kernel: the row is held in registers (every load of
+// x, scale, shift and prev issued before the first reduction, the exact
+// two-pass statistics from registers, one DRAM round trip). Wider rows take
+// modulate_rows_kernel, whose statistics passes re-read the row (then still in
+// L1/L2). Element ownership within a row is the same fixed one in both
+// (for_each_fixed's: thread t owns packs t, t + threads, ..., then tail
+// element t), so no bit depends on alignment or SM count.
 #include <cmath>
 
 #include "common.cuh"
+#include "row_regs.cuh"
 
 namespace tcf {
 namespace {
 
-template <typename T, typename P, bool INDICATOR>
+// The looped kernel for rows wider than the register budget. BLOCKS: the
+// resident blocks per SM its grid assumes (loop_blocks_per_sm). It carries no
+// __launch_bounds__: with (256, BLOCKS), or (256) alone, ptxas spills 8-68
+// bytes in its row loops (measured); unbounded it fits BLOCKS in its register
+// count with no spills, which the kernel report checks.
+template <typename T, typename P, bool INDICATOR, int BLOCKS>
 __global__ void modulate_rows_kernel(const typename T::storage *__restrict__ x,
                                      const typename P::storage *__restrict__ scale,
                                      int64_t scale_stride,
@@ -123,10 +134,113 @@ __global__ void modulate_rows_kernel(const typename T::storage *__restrict__ x,
   }
 }
 
+// One row held in registers: loads, statistics, m, the indicator's sums, store.
+template <typename T, typename P, bool INDICATOR, int PACKS>
+__device__ __forceinline__ void regs_row(const typename T::storage *xr, const typename P::storage *sc,
+                                         const typename P::storage *sh, typename T::storage *outr,
+                                         int64_t cols, int norm, float eps, float2 &acc) {
+  constexpr int VEC = vec_of<T>();
+  const int64_t npacks = cols / VEC, ntail = cols % VEC;
+  const bool aligned = aligned16(xr) && aligned16(outr) && aligned16(sc) && aligned16(sh);
+  // every load of the row before the first barrier
+  RowRegs<T, PACKS, VEC> xv, pv;
+  RowRegs<P, PACKS, VEC> s, t;
+  load_share(xr, npacks, ntail, aligned, xv);
+  if (sc) load_share(sc, npacks, ntail, aligned, s);
+  if (sh) load_share(sh, npacks, ntail, aligned, t);
+  if constexpr (INDICATOR) load_share(outr, npacks, ntail, aligned, pv);
+  const float2 st = held_stats(xv, npacks, ntail, cols, norm, eps);
+  auto m_at = [&](int k, int j) {  // m of one held element; the indicator's sums
+    float v = __fmul_rn(__fsub_rn(xv.at(k, j), st.x), st.y);
+    if (sc) v = __fmul_rn(v, __fadd_rn(1.0f, s.at(k, j)));
+    if (sh) v = __fadd_rn(v, t.at(k, j));
+    if constexpr (INDICATOR) {
+      const float p = pv.at(k, j);
+      v = T::to_f(T::from_f(v));  // compare what gets stored
+      acc.x += fabsf(v - p);
+      acc.y += fabsf(p);
+    }
+    return v;
+  };
+#pragma unroll
+  for (int k = 0; k < PACKS; ++k) {  // for_each_fixed's order: packs, then the tail
+    const int64_t pk = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    if (pk < npacks) {
+      float m[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) m[j] = m_at(k, j);
+      if (aligned) store_as<T, VEC, true>(outr + pk * VEC, m);
+      else store_as<T, VEC, false>(outr + pk * VEC, m);
+    }
+  }
+  if (threadIdx.x < ntail) outr[npacks * VEC + threadIdx.x] = T::from_f(m_at(-1, 0));
+}
+
+// BLOCKS: the resident 256-thread blocks per SM this variant's grid is sized
+// for, and its __launch_bounds__ (regs_blocks_per_sm).
+template <typename T, typename P, bool INDICATOR, int PACKS, int BLOCKS>
+__global__ void __launch_bounds__(kThreads, BLOCKS)
+    modulate_regs_kernel(const typename T::storage *__restrict__ x,
+                         const typename P::storage *__restrict__ scale, int64_t scale_stride,
+                         const typename P::storage *__restrict__ shift, int64_t shift_stride,
+                         typename T::storage *__restrict__ out,  // prev if INDICATOR
+                         float *__restrict__ ws, int64_t batch, int64_t rows, int64_t cols, int norm,
+                         float eps, float *__restrict__ partials, int64_t outputs, int64_t per_output,
+                         unsigned *__restrict__ ticket) {
+  const int64_t nchunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    const typename P::storage *sc = scale ? scale + b * scale_stride : nullptr;
+    const typename P::storage *sh = shift ? shift + b * shift_stride : nullptr;
+    for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
+      float2 acc = make_float2(0.f, 0.f);
+      const int64_t r_end = (c + 1) * kRowsPerChunk < rows ? (c + 1) * kRowsPerChunk : rows;
+      for (int64_t r = c * kRowsPerChunk; r < r_end; ++r)
+        regs_row<T, P, INDICATOR, PACKS>(x + (b * rows + r) * cols, sc, sh, out + (b * rows + r) * cols,
+                                         cols, norm, eps, acc);
+      if constexpr (INDICATOR) {  // one pair per chunk of rows: the fixed partition
+        acc = block_sum2(acc);
+        if (threadIdx.x == 0) {
+          ws[(b * nchunks + c) * 2] = acc.x;
+          ws[(b * nchunks + c) * 2 + 1] = acc.y;
+        }
+      }
+    }
+  }
+  if constexpr (INDICATOR) {
+    if (ticket != nullptr) finish_in_last_block(ws, partials, outputs, per_output, ticket);  // fused
+  }
+}
+
+// Rows of up to kMaxRowPacks packs per thread (of row_threads) are held in
+// registers: C <= 8192 for 16-bit x, C <= 4096 for fp32 x.
+constexpr int kMaxRowPacks = 4;
+
+// The looped kernel fits kBlocksPerSm blocks in 32 registers, except the fp32
+// indicator: it needs 36 (capped at 32 it spills: measured), so its grid
+// assumes the 6 blocks that fit.
+template <typename T, bool INDICATOR>
+constexpr int loop_blocks_per_sm() {
+  return sizeof(typename T::storage) == 4 && INDICATOR ? 6 : kBlocksPerSm;
+}
+
+// Resident 256-thread blocks per SM each variant of the register row kernel
+// is compiled for (its __launch_bounds__) and its grid assumes, chosen by
+// compiling for sm_90 with nvcc 13: none spills, and one block more spills
+// for every indicator variant and for modulate with 4 packs (modulate with 2
+// packs at 6 was not tried). The indicator also holds prev; fp32 params of a
+// 16-bit row (twice the words) cost one block. The kernel report test fails
+// when a variant spills or fits another number of blocks than this.
+template <typename T, typename P, bool INDICATOR, int PACKS>
+constexpr int regs_blocks_per_sm() {
+  constexpr bool wide = sizeof(typename P::storage) > sizeof(typename T::storage);
+  constexpr int base = PACKS <= 2 ? (INDICATOR ? 4 : 5) : (INDICATOR ? 2 : 3);
+  return wide ? base - 1 : base;
+}
+
 int64_t row_chunks(int64_t rows) { return ceil_div(rows, kRowsPerChunk); }
 
-int64_t row_blocks(int sms, int64_t batch, int64_t rows) {
-  return blocks_per_sample(sms, batch, row_chunks(rows));
+int64_t row_blocks(int sms, int64_t batch, int64_t rows, int per_sm) {
+  return blocks_per_sample(sms, batch, row_chunks(rows), per_sm);
 }
 
 struct RowArgs {
@@ -143,25 +257,41 @@ struct RowArgs {
   float eps;
 };
 
-template <bool INDICATOR, typename T, typename P>
-void launch_rows(const RowArgs &a, int64_t nblk, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(nblk), grid_y(a.batch));
-  const int threads = row_threads(a.cols, vec_of<T>());
-  TCF_LAUNCH((modulate_rows_kernel<T, P, INDICATOR>), grid, threads, 0, stream)(
-      static_cast<const typename T::storage *>(a.x),
-      static_cast<const typename P::storage *>(a.scale), a.scale_stride,
-      static_cast<const typename P::storage *>(a.shift), a.shift_stride,
-      static_cast<typename T::storage *>(a.out), a.ws, a.batch, a.rows, a.cols, a.norm, a.eps,
-      a.partials, a.outputs, a.per_output, a.ticket);
+#define TCF_ROW_ARGS(a)                                                                    \
+  static_cast<const typename T::storage *>(a.x),                                           \
+      static_cast<const typename P::storage *>(a.scale), a.scale_stride,                   \
+      static_cast<const typename P::storage *>(a.shift), a.shift_stride,                   \
+      static_cast<typename T::storage *>(a.out), a.ws, a.batch, a.rows, a.cols, a.norm, a.eps, \
+      a.partials, a.outputs, a.per_output, a.ticket
+
+template <bool INDICATOR, typename T, typename P, int PACKS>
+void launch_regs(const RowArgs &a, int sms, int threads, cudaStream_t stream) {
+  constexpr int BLOCKS = regs_blocks_per_sm<T, P, INDICATOR, PACKS>();
+  const dim3 grid(static_cast<unsigned>(row_blocks(sms, a.batch, a.rows, BLOCKS)), grid_y(a.batch));
+  TCF_LAUNCH((modulate_regs_kernel<T, P, INDICATOR, PACKS, BLOCKS>), grid, threads, 0, stream)(TCF_ROW_ARGS(a));
 }
+
+// The row in registers when the thread's share fits kMaxRowPacks packs (two
+// specializations: up to 2 and up to 4 packs), else the looped kernel.
+template <bool INDICATOR, typename T, typename P>
+void launch_rows(const RowArgs &a, int sms, cudaStream_t stream) {
+  const int threads = row_threads(a.cols, vec_of<T>());
+  const int64_t packs = ceil_div(a.cols / vec_of<T>(), threads);
+  if (packs <= 2) return launch_regs<INDICATOR, T, P, 2>(a, sms, threads, stream);
+  if (packs <= kMaxRowPacks) return launch_regs<INDICATOR, T, P, kMaxRowPacks>(a, sms, threads, stream);
+  constexpr int BLOCKS = loop_blocks_per_sm<T, INDICATOR>();
+  const dim3 grid(static_cast<unsigned>(row_blocks(sms, a.batch, a.rows, BLOCKS)), grid_y(a.batch));
+  TCF_LAUNCH((modulate_rows_kernel<T, P, INDICATOR, BLOCKS>), grid, threads, 0, stream)(TCF_ROW_ARGS(a));
+}
+#undef TCF_ROW_ARGS
 
 // scale/shift are either in x's dtype or fp32 (an exact upcast of any dtype).
 template <bool INDICATOR>
-void dispatch_rows(const RowArgs &a, int64_t nblk, cudaStream_t stream) {
+void dispatch_rows(const RowArgs &a, int sms, cudaStream_t stream) {
   const bool f32_params = a.param_dtype == TCF_FLOAT32 && (a.scale || a.shift);
   TCF_DISPATCH(a.dtype, T,
-               if (f32_params) launch_rows<INDICATOR, T, F32>(a, nblk, stream);
-               else launch_rows<INDICATOR, T, T>(a, nblk, stream));
+               if (f32_params) launch_rows<INDICATOR, T, F32>(a, sms, stream);
+               else launch_rows<INDICATOR, T, T>(a, sms, stream));
 }
 
 tcf_status check_rows(const char *op, const RowArgs &a, bool indicator) {
@@ -225,7 +355,7 @@ extern "C" tcf_status tcf_modulate(const void *x, const void *scale, int64_t sca
   int sms = 0;
   const cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return cuda_fail(op, err);
-  dispatch_rows<false>(a, row_blocks(sms, batch, rows), stream);
+  dispatch_rows<false>(a, sms, stream);
   return check_launch(op);
 }
 
@@ -263,7 +393,7 @@ extern "C" tcf_status tcf_modulated_rel_l1(const void *x, const void *scale,
   a.outputs = outputs;
   a.per_output = per_sample ? nchunks : batch * nchunks;
   a.ticket = outputs <= kFusedOutputs ? ticket_of(workspace) : nullptr;
-  dispatch_rows<true>(a, row_blocks(sms, batch, rows), stream);
+  dispatch_rows<true>(a, sms, stream);
   st = check_launch(op);
   if (st != TCF_SUCCESS || a.ticket != nullptr) return st;
   return finish_partials(op, pairs_of(workspace), partials, outputs, a.per_output, stream);

@@ -475,6 +475,30 @@ def test_modulated_rel_l1_(emu, dtype, norm, C, per_sample):
     _check_indicator(emu, x, scale, shift, prev, norm, per_sample, dtype)
 
 
+# (x dtype, C) -> resident blocks per SM the row kernel's grid is sized for (fp32 params):
+# the register kernel's BLOCKS (2 packs per thread or kMaxRowPacks = 4), the looped
+# kernel's past that.
+ROW_PATHS = [(torch.bfloat16, 3072, 3), (torch.bfloat16, 4104, 1), (torch.bfloat16, 8192, 1),
+             (torch.bfloat16, 8200, 8), (torch.float16, 5120, 1), (torch.float32, 2048, 4),
+             (torch.float32, 3072, 2), (torch.float32, 4096, 2), (torch.float32, 4100, 6)]
+
+
+@pytest.mark.parametrize("dtype,C,per_sm", ROW_PATHS, ids=str)
+def test_modulated_rel_l1_row_paths_at_their_width_bounds(emu, dtype, C, per_sm):
+    """Each side of each register-budget bound (2 and 4 packs per thread; wider rows loop)
+    gives the right m and sums, on a grid sized for that kernel's resident blocks (1 SM,
+    4 rows per chunk: min(per_sm, chunks) blocks)."""
+    emu.device(1)
+    B, R = 1, 40
+    x = _rand((B, R, C), dtype, 81, 2.0)
+    scale, shift = _params(B, C, torch.float32, 82, "bc"), _params(B, C, torch.float32, 83, "1c")
+    prev = _rand((B, R, C), dtype, 84)
+    before = emu.counters()[:2]
+    _check_indicator(emu, x, scale, shift, prev, "layer", False, dtype)
+    launches, blocks = (a - b for a, b in zip(emu.counters()[:2], before))
+    assert (launches, blocks) == (1, min(per_sm, R // 4)), (launches, blocks)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shifted", ["x", "prev", "scale", "all"])
 def test_modulated_rel_l1_misaligned_and_fp32_params(emu, dtype, shifted):

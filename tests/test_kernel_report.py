@@ -11,6 +11,8 @@ read its JSON facts:
   register counts;
 - each input is read once per row, and all loads of a row are issued before
   its first barrier;
+- the indicator holds its row in registers at the benchmark shapes (Triton and
+  CUDA), with exactly the resident blocks per SM its grid assumes;
 - benchmarks/results/kernels-sm90.md is what a fresh run writes (facts table).
 
 Known shortfalls are not waved through: KNOWN_SHORTFALLS holds each one with
@@ -62,28 +64,27 @@ pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
 # (backend, kernel, dtype or None for every variant) -> {property: measured value}.
 # Properties: "blocks" (resident blocks/SM, grid assumes more), "stack" (bytes),
 # "local_in_loop" (True), "x_passes" (reads of x per row), "loads_before_barrier" (False).
-KNOWN_SHORTFALLS = {
-    # Review finding, left for the register-resident row kernel: 36 registers -> 6 blocks of
-    # 256 threads fit, kBlocksPerSm is 8 (__launch_bounds__(256, 8) on this three-pass kernel
-    # spills 8-32 bytes in the row loop, so it carries no bounds yet).
-    ("cuda", "modulate_rows_kernel<F32,F32,true>", None): {"blocks": 6},
-}
-# Review finding (CUDA): with LayerNorm the row kernel reads x three times (mean,
-# variance, output), and the statistics' block reductions put a barrier between them.
+KNOWN_SHORTFALLS = {}
+# By design (csrc/modulate.cu): rows wider than the register budget (more than kMaxRowPacks
+# packs per thread: C > 8192 for 16-bit x, C > 4096 for fp32) take the looped
+# modulate_rows_kernel, which with LayerNorm reads x three times (mean, variance, output;
+# the 2nd and 3rd from L1/L2) with the statistics' barriers between them. Every benchmark
+# shape takes modulate_regs_kernel (test_cuda_row_kernel_holds_the_row_in_registers).
 for _kernel in ("modulate_rows_kernel<%s>" % v for v in (
-        "BF16,BF16,false", "BF16,BF16,true", "BF16,F32,false", "BF16,F32,true", "F16,F16,false",
-        "F16,F16,true", "F16,F32,false", "F16,F32,true", "F32,F32,false", "F32,F32,true")):
+        "BF16,BF16,false,8", "BF16,BF16,true,8", "BF16,F32,false,8", "BF16,F32,true,8", "F16,F16,false,8",
+        "F16,F16,true,8", "F16,F32,false,8", "F16,F32,true,8", "F32,F32,false,8", "F32,F32,true,6")):
     KNOWN_SHORTFALLS.setdefault(("cuda", _kernel, None), {}).update(x_passes=3, loads_before_barrier=False)
 
 # Kernels whose work is a row / an elementwise range (the bandwidth-bound ones).
-ROW_KERNELS = re.compile(r"^(modulate_rows_kernel|rel_l1_kernel|capture_kernel|apply_kernel|span_end_kernel|"
+ROW_KERNELS = re.compile(r"^(modulate_rows_kernel|modulate_regs_kernel|rel_l1_kernel|capture_kernel|apply_kernel|span_end_kernel|"
                          r"_modulate_kernel|_modulated_rel_l1_kernel|_rel_l1_partials_kernel|"
                          r"_residual_capture_kernel|_residual_apply_kernel)\b")
 # The input that holds the row (read once per row is the promise for every input).
-MAIN_INPUT = {"modulate_rows_kernel": "x", "_modulate_kernel": "x_ptr", "_modulated_rel_l1_kernel": "x_ptr"}
+MAIN_INPUT = {"modulate_rows_kernel": "x", "modulate_regs_kernel": "x", "_modulate_kernel": "x_ptr", "_modulated_rel_l1_kernel": "x_ptr"}
 # Inputs each row kernel must be seen to load (proves the attribution found them).
 EXPECTED_INPUTS = {
-    "modulate_rows_kernel": {"x", "scale", "shift"}, "rel_l1_kernel": {"cur", "prev"},
+    "modulate_rows_kernel": {"x", "scale", "shift"}, "modulate_regs_kernel": {"x", "scale", "shift"},
+    "rel_l1_kernel": {"cur", "prev"},
     "capture_kernel": {"out", "inp"}, "apply_kernel": {"hidden", "residual"},
     "span_end_kernel": {"out", "inp", "residual"},
     "_modulate_kernel": {"x_ptr", "scale_ptr", "shift_ptr"},
@@ -139,14 +140,14 @@ def _check(problems: list, k: dict, prop: str, measured, ok: bool, no_worse):
 def test_every_kernel_is_reported(report):
     facts, _ = report
     names = {(k["backend"], _base(k)) for k in facts["kernels"]}
-    assert names == {("cuda", n) for n in ("modulate_rows_kernel", "rel_l1_kernel", "finish_partials_kernel",
-                                          "capture_kernel", "apply_kernel", "span_end_kernel",
-                                          "decide_kernel")} | \
+    assert names == {("cuda", n) for n in ("modulate_rows_kernel", "modulate_regs_kernel", "rel_l1_kernel",
+                                          "finish_partials_kernel", "capture_kernel", "apply_kernel",
+                                          "span_end_kernel", "decide_kernel")} | \
         {("triton", n) for n in ("_modulate_kernel", "_modulated_rel_l1_kernel", "_sum_partials_kernel",
                                  "_rel_l1_partials_kernel", "_residual_capture_kernel",
                                  "_residual_apply_kernel", "_decide_kernel")}
     cuda = [k for k in facts["kernels"] if k["backend"] == "cuda"]
-    assert len(cuda) == 10 + 3 + 1 + 9 + 9 + 9 + 1  # every template instance
+    assert len(cuda) == 10 + 20 + 3 + 1 + 9 + 9 + 9 + 1  # every template instance
     for key in KNOWN_SHORTFALLS:  # the table names real kernels
         assert any((k["backend"], k["name"]) == key[:2] and key[2] in (None, k.get("extra", {}).get("dtype"))
                    for k in facts["kernels"]), key
@@ -169,13 +170,13 @@ def test_no_spills_and_no_local_memory_in_hot_loops(report):
 def _expected_bits(k: dict, param: str) -> int:
     """Widest access of `param` on an aligned row: 128 bits, or one pack of VEC
     elements of a narrower second dtype (CUDA: VEC = 16 bytes of the main dtype)."""
-    m = re.fullmatch(r"(\w+)<(\w+)(?:,(\w+))?(?:,\w+)?>", k["name"])
+    m = re.fullmatch(r"(\w+)<(\w+)(?:,(\w+))?(?:,\w+)*>", k["name"])
     if k["backend"] == "triton" or not m or m.group(3) is None:
         return 128
     kernel, main, other = m.groups()
     vec = 16 // SIZES[main]
     second = {"capture_kernel": {"residual"}, "apply_kernel": {"residual"}, "span_end_kernel": {"residual"},
-              "modulate_rows_kernel": {"scale", "shift"}}[kernel]
+              "modulate_rows_kernel": {"scale", "shift"}, "modulate_regs_kernel": {"scale", "shift"}}[kernel]
     return min(128, vec * SIZES[other] * 8) if param in second else 128
 
 
@@ -219,6 +220,9 @@ def test_resident_blocks_match_the_grid(report):
         checked += 1
         _check(problems, k, "blocks", k["blocks"], k["blocks"] >= k["assumed"],
                lambda known: k["blocks"] >= known)
+        if k["backend"] == "cuda" and _base(k) in MAIN_INPUT and k["blocks"] > k["assumed"]:
+            # the row kernels' BLOCKS is per variant: one that fits more must say so
+            problems.append(f"{k['name']}: {k['blocks']} blocks fit, the grid assumes {k['assumed']}")
     assert checked >= 30
     assert not problems, "\n".join(problems)
 
@@ -274,6 +278,39 @@ def test_triton_row_kernels_hold_the_row_in_registers(report):
         seen.add((k["name"], C, extra["itemsize"], "fp32 params" in k["case"]))
     assert {(n, C, size, p) for n in MAIN_INPUT if n.startswith("_")
             for C, size, p in ((3072, 2, False), (3072, 4, False), (5120, 2, False), (3072, 2, True))} <= seen
+
+
+def _cuda_row_kernel(C: int, x: str, params: str) -> str:
+    """The register row kernel tcf_modulated_rel_l1 launches at width C (launch_rows in
+    csrc/modulate.cu): row_threads(C, vec) threads, packs per thread rounded up to 2 or
+    kMaxRowPacks; the name without its last template argument (the assumed blocks)."""
+    max_packs = int(re.search(r"constexpr int kMaxRowPacks = (\d+);",
+                              (ROOT / "csrc" / "modulate.cu").read_text()).group(1))
+    vec = 16 // SIZES[x]
+    threads = max(32, min(256, -(-(-(-C // vec)) // 32) * 32))
+    packs = -(-(C // vec) // threads)
+    assert packs <= max_packs, (C, x)
+    return f"modulate_regs_kernel<{x},{params},true,{2 if packs <= 2 else max_packs},"
+
+
+def test_cuda_row_kernel_holds_the_row_in_registers(report):
+    # FLUX C=3072 (bf16 x with bf16 and with fp32 params, fp32 x) and Wan C=5120 bf16: the
+    # indicator's instance holds the row in registers: each input (x, scale, shift, prev =
+    # `out`) read once per row, every load of the row before its first barrier, no spills,
+    # stack or local memory, and exactly the resident blocks its grid is sized for.
+    facts, _ = report
+    cuda = {k["name"]: k for k in facts["kernels"] if k["backend"] == "cuda"}
+    for C, x, params in ((3072, "BF16", "BF16"), (3072, "BF16", "F32"), (3072, "F32", "F32"),
+                         (5120, "BF16", "BF16")):
+        prefix = _cuda_row_kernel(C, x, params)
+        (name,) = [n for n in cuda if n.startswith(prefix)]
+        k = cuda[name]
+        assert k["passes"] == {"x": 1, "scale": 1, "shift": 1, "out": 1}, (name, k["passes"])
+        assert k["loads_before_barrier"] is True, name
+        assert not (k["spill_st"] or k["spill_ld"] or k["stack"] or k["local"] or k["local_in_loop"]), name
+        assert k["threads"] == 256 and k["blocks"] == k["assumed"] == int(name[len(prefix):-1]), \
+            (name, k["blocks"], k["assumed"])
+        assert name not in {key[1] for key in KNOWN_SHORTFALLS}, name
 
 
 def test_committed_report_is_current(report):

@@ -680,11 +680,18 @@ def _header_int(name: str) -> int:
 
 
 # Which launches size their grid for kBlocksPerSm resident blocks (blocks_per_sample).
-CUDA_GRID_ASSUMES_RESIDENCY = {"modulate_rows_kernel", "rel_l1_kernel", "capture_kernel", "apply_kernel"}
+CUDA_GRID_ASSUMES_RESIDENCY = {"rel_l1_kernel", "capture_kernel", "apply_kernel"}
+# Kernels whose grid assumes the resident blocks named by their last template
+# argument (also their __launch_bounds__ minimum): the two row kernels.
+CUDA_BLOCKS_ARG = {"modulate_rows_kernel", "modulate_regs_kernel"}
+# Kernels that hold the row in registers: the row is one iteration of an
+# innermost loop (the rows of a chunk), which holds the statistics' barriers.
+CUDA_ROW_IN_LOOP = {"modulate_regs_kernel"}
 BENCH_WIDTHS = (3072, 5120)
 # The reduction kernels whose last block adds the workspace pairs (one launch per
 # reduction): those loads of `ws` come after the rows.
-CUDA_STAGE2 = {"modulate_rows_kernel": frozenset({"ws"}), "rel_l1_kernel": frozenset({"ws"})}
+CUDA_STAGE2 = {"modulate_rows_kernel": frozenset({"ws"}), "modulate_regs_kernel": frozenset({"ws"}),
+               "rel_l1_kernel": frozenset({"ws"})}
 # Not a TeaCache kernel: status.cu's empty launch that probes for a usable device.
 CUDA_SKIP = {"probe_kernel"}
 
@@ -692,7 +699,7 @@ CUDA_SKIP = {"probe_kernel"}
 def _cuda_threads(kernel: str, short: str) -> int:
     """Block size of the launch at the benchmark shapes (same rule as common.cuh)."""
     k_threads = _header_int("kThreads")
-    if kernel != "modulate_rows_kernel":
+    if kernel not in ("modulate_rows_kernel", "modulate_regs_kernel"):
         return k_threads
     dtype = re.search(r"<(\w+),", short).group(1)
     vec = {"F32": 4, "F16": 8, "BF16": 8}[dtype]
@@ -792,11 +799,18 @@ def cuda_report(arch: int, jobs: int, workdir: Path) -> tuple[list[KernelFacts],
                                                 _cuda_pointer_params(text, kernel, names)))
             threads = _cuda_threads(kernel, short)
             blocks, limiter = blocks_per_sm(arch, info["regs"], threads, info["smem"])
+            assumed = k_blocks if kernel in CUDA_GRID_ASSUMES_RESIDENCY else None
+            facts_sass = analyze(fobj, acc, CUDA_STAGE2.get(kernel, frozenset()))
+            if kernel in CUDA_BLOCKS_ARG:
+                assumed = int(re.search(r",(\d+)>$", short).group(1))
+            if kernel in CUDA_ROW_IN_LOOP and facts_sass["loads_before_barrier"] is False:
+                in_row_loop = row_loop_loads_before_barrier(fobj)  # checked within one row
+                if in_row_loop is not None:
+                    facts_sass["loads_before_barrier"] = in_row_loop
             facts.append(KernelFacts(
-                "cuda", short, src.name, threads, k_blocks if kernel in CUDA_GRID_ASSUMES_RESIDENCY else None,
+                "cuda", short, src.name, threads, assumed,
                 info["regs"], info["stack"], info["spill_st"], info["spill_ld"],
-                usage.get(func, {}).get("LOCAL", 0), info["smem"], blocks, limiter,
-                analyze(fobj, acc, CUDA_STAGE2.get(kernel, frozenset())), names))
+                usage.get(func, {}).get("LOCAL", 0), info["smem"], blocks, limiter, facts_sass, names))
     return facts, {"nvcc_flags": " ".join(f for f in flags if not f.startswith("-I")),
                    "compile_s": compile_s, "files": [s.name for s in sources]}
 
@@ -868,9 +882,10 @@ def _is_global_ld(ins: Instr) -> bool:
 
 
 def row_loop_loads_before_barrier(fn: Function) -> bool | None:
-    """Triton row kernels that hold the row in registers loop over their rows in
-    one innermost loop, which is both the hot loop and the row: analyze() sees
-    the row at function scope with that loop collapsed to one node, so it cannot
+    """Row kernels that hold the row in registers (Triton's SINGLE=True, CUDA's
+    modulate_regs_kernel) loop over their rows in one innermost loop, which is
+    both the hot loop and the row: analyze() sees the row at the scope above
+    it (the function; CUDA: the chunk loop) with that loop collapsed to one node, so it cannot
     order loads and barriers inside it. Checked here within one iteration of
     that loop: True when no global load is reachable from a barrier without the
     back edge. None when the kernel has no such loop (one with barriers and
@@ -1008,21 +1023,25 @@ How each column is derived (all from compiled code; nothing is run):
 
 - **CUDA code**: each csrc/*.cu compiled alone to a cubin with the flags above; when this tool was
   written its SASS was identical, function by function (34 of 34), to that of the extension built by
-  `setup.py build_ext` for the same SM, and the resource usage matched. The row kernel picks its
-  norm at run time, so its code holds all three; "loads per row" takes the longest path (LayerNorm:
-  mean, variance, output; RMSNorm reads x twice, none once).
+  `setup.py build_ext` for the same SM, and the resource usage matched. The row kernels pick their
+  norm at run time, so their code holds all three. `modulate_regs_kernel<T,P,INDICATOR,PACKS,BLOCKS>`
+  holds the row in registers (up to PACKS packs of 16 bytes per thread; every shape of the benchmarks
+  takes it): one load per input, the statistics from registers. `modulate_rows_kernel` is the looped
+  path for wider rows; its "loads per row" takes the longest path (LayerNorm: mean, variance,
+  output; RMSNorm reads x twice, none once).
 
 - **regs, stack, spills**: CUDA from `ptxas -v` (`Used N registers`, `bytes stack frame`, spill
   stores/loads); Triton from `cuobjdump --dump-resource-usage` of the cubin (REG, STACK). **local B**:
   cuobjdump's LOCAL. **smem B**: static shared memory (ptxas) / Triton's dynamic shared memory; the
   1 KiB the driver reserves per block is added for the block count, not shown.
 - **threads**: the block size of the launch at the benchmark shapes (CUDA: `kThreads`, and
-  `row_threads(C, vec)` for the row kernel at C = 3072 and 5120; Triton: `32 * num_warps` from
+  `row_threads(C, vec)` for the row kernels at C = 3072 and 5120; Triton: `32 * num_warps` from
   `launch_config` / `row_config`). **blocks/SM**: resident blocks per SM for that block size, the minimum of the
   register limit (cuda_occupancy.h rule: regs x 32 rounded up to 256 per warp, 65536 registers over 4
   sub-partitions), 2048 threads, 32 blocks and {smem_kib} KiB of shared memory per SM; the binding
   limit in parentheses. **grid assumes**: the resident blocks the grid is sized for (CUDA
-  `kBlocksPerSm` for launches sized by `blocks_per_sample`; Triton `resident_programs(kernel,
+  `kBlocksPerSm` for launches sized by `blocks_per_sample`, the row kernels' last template argument
+  BLOCKS, which is also their `__launch_bounds__` minimum; Triton `resident_programs(kernel,
   num_warps, itemsize)`, whose grids are 132 x that many programs whatever the GPU, so the
   partition of a reduction never depends on the SM count); `-` where the grid does not depend on
   residency.
@@ -1038,9 +1057,10 @@ How each column is derived (all from compiled code; nothing is run):
   reading it on one path through one iteration of the row (inner loops collapsed to one node each),
   so for_each's vector loop + scalar tail count once, and the three LayerNorm passes count three.
   **ld instrs per hot loop**: the most load instructions of that input in one hot loop (a pack of 8
-  fp32 scale values is two 128-bit loads). A Triton row kernel that holds its row in registers
-  (`SINGLE=True`) has one loop, over its rows, that is both the hot loop and the row: its
-  "all loads before 1st barrier" is checked inside one iteration of that loop (back edge excluded).
+  fp32 scale values is two 128-bit loads). A row kernel that holds its row in registers (Triton
+  `SINGLE=True`, CUDA `modulate_regs_kernel`) has one innermost loop, over its rows, that is both
+  the hot loop and the row: its "all loads before 1st barrier" is checked inside one iteration of
+  that loop (back edge excluded).
 - **Attribution to inputs**: a flow-sensitive dataflow over the code tracks, per register, which
   kernel parameters flow into it. SASS: parameters live in constant bank 0 at the offsets of
   `EIATTR_KPARAM_INFO` (from `EIATTR_PARAM_CBANK`); an LDG/STG is attributed to the pointer parameter
@@ -1052,7 +1072,7 @@ How each column is derived (all from compiled code; nothing is run):
   **unattributed accesses**: global loads/stores the dataflow could not tie to exactly one
   pointer (register reuse across paths); they take no part in the hot loops or the passes, and the
   test requires them to be narrower than 128 bits (scalar edges), so no vector access goes uncounted.
-- **Fused finish**: `modulate_rows_kernel` and `rel_l1_kernel` end with the last block adding the
+- **Fused finish**: `modulate_rows_kernel`, `modulate_regs_kernel` and `rel_l1_kernel` end with the last block adding the
   workspace pairs (one launch per reduction); those loads of `ws` come after the rows and are
   not row data (not in the passes, widths or hot loops).
 - **all loads before 1st barrier**: within one iteration of the row, no global load is reachable from
