@@ -34,7 +34,10 @@
 extern "C" {
 #endif
 
-#define TCF_API_VERSION 1
+/* 2: tcf_teacache_decide takes accumulate_abs; reduction workspaces start with
+ * an integer ticket word (zero it once before first use; the kernels leave it
+ * at zero); tcf_residual_apply_out and tcf_finish_span added. */
+#define TCF_API_VERSION 2
 #define TCF_MAX_COEFFICIENTS 9 /* polynomial degree 0..8 */
 
 typedef enum {
