@@ -23,7 +23,7 @@ from . import torch as _reference
 from .native.build import library
 
 __all__ = ["modulate", "rel_l1_partials", "modulated_rel_l1_", "teacache_decide_",
-           "residual_capture_", "residual_apply_", "finish_span_", "unavailable_reason"]
+           "residual_capture_", "residual_apply_", "finish_span_"]
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _NORMS = {"layer": 0, "rms": 1, "none": 2}
@@ -32,10 +32,6 @@ teacache_decide_ = _reference.teacache_decide_
 residual_capture_ = _reference.residual_capture_
 residual_apply_ = _reference.residual_apply_
 finish_span_ = _reference.finish_span_
-
-
-def unavailable_reason() -> Optional[str]:
-    return library()[1]
 
 
 def _lib():

@@ -13,6 +13,7 @@ reused for Chroma is on the never-ship list): structure only.
 from __future__ import annotations
 
 from .base import BlockCall, Modulated
+from .common import image_and_text_passthrough
 from .record import Family, structure_only
 
 
@@ -25,18 +26,13 @@ def indicator(call: BlockCall) -> Modulated:
     return Modulated(call["hidden_states"], scale, shift, norm="layer", eps=float(norm1.norm.eps))
 
 
-def passthrough(call: BlockCall):
-    h, enc = call["hidden_states"], call.get("encoder_hidden_states")
-    return h if enc is None else (enc, h)  # single-stream blocks get no text
-
-
 FAMILY = Family(
     name="chroma", title="Chroma", classes=("ChromaTransformer2DModel",),
     variants={"default": structure_only("Chroma: no public set of its own")},
     default_variant="default",
     blocks=("transformer_blocks", "single_transformer_blocks"),
     indicator=indicator,
-    passthrough=passthrough,
+    passthrough=image_and_text_passthrough,
     end="norm_out",
     unbatched=("image_rotary_emb",),
     subset=False,

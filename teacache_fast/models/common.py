@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from .base import BlockCall, Indicator, Modulated
 
 __all__ = ["REFERENCE", "COMFYUI_TEACACHE", "reference", "ada_norm_zero", "rms_scaled", "ada_norm_zero_msa", "rms_scale_msa",
-           "block_argument", "captured_output"]
+           "block_argument", "captured_output", "image_and_text_passthrough"]
 
 # The reference implementation the published presets are read from.
 REFERENCE = "ali-vilab/TeaCache@7c10efc4702c6b619f47805f7abe4a7a08085aa0"
@@ -101,3 +101,11 @@ def captured_output(name: str, index: Optional[int] = None) -> Callable[[BlockCa
         out = call.captured[name]
         return out if index is None else out[index]
     return _named(indicator, f"captured_output({name}{'' if index is None else f', {index}'})")
+
+
+def image_and_text_passthrough(call: BlockCall):
+    """A skipped block's output for stacks whose dual-stream blocks return
+    ``(encoder_hidden_states, hidden_states)`` and whose single-stream blocks
+    get no text and return ``hidden_states`` (Chroma, FLUX.2)."""
+    h, enc = call["hidden_states"], call.get("encoder_hidden_states")
+    return h if enc is None else (enc, h)

@@ -16,6 +16,7 @@ placeholder reused for FLUX.2 are on the never-ship list): structure only.
 from __future__ import annotations
 
 from .base import BlockCall, Modulated
+from .common import image_and_text_passthrough
 from .record import Family, structure_only
 
 
@@ -28,18 +29,13 @@ def indicator(call: BlockCall):
     return Modulated(x, scale, shift, norm="layer", eps=float(norm1.eps))
 
 
-def passthrough(call: BlockCall):
-    h, enc = call["hidden_states"], call.get("encoder_hidden_states")
-    return h if enc is None else (enc, h)  # single-stream blocks get None for the text
-
-
 FAMILY = Family(
     name="flux2", title="FLUX.2", classes=("Flux2Transformer2DModel",),
     variants={"default": structure_only("FLUX.2 dev / klein: no public set of their own")},
     default_variant="default",
     blocks=("transformer_blocks", "single_transformer_blocks"),
     indicator=indicator,
-    passthrough=passthrough,
+    passthrough=image_and_text_passthrough,
     end="norm_out",
     unbatched=("image_rotary_emb",),
     subset=False,
