@@ -250,6 +250,16 @@ __device__ __forceinline__ float block_sum(float v) {
   return block_sum2(make_float2(v, 0.f)).x;
 }
 
+// The block's sum of v written as one (x, y) pair at dst (a workspace slot or
+// an output's partials), by thread 0. Every thread of the block must call it.
+__device__ __forceinline__ void store_block_pair(float *dst, float2 v) {
+  v = block_sum2(v);
+  if (threadIdx.x == 0) {
+    dst[0] = v.x;
+    dst[1] = v.y;
+  }
+}
+
 // ---------------------------------------------------------------- stage 2
 // Output o = the sum of its `per_output` consecutive workspace pairs, by one
 // block, in a fixed order. L2 loads (__ldcg): the pairs may come from other
@@ -262,11 +272,7 @@ __device__ __forceinline__ void finish_output(const float *ws, float *partials, 
     acc.x += __ldcg(src + 2 * i);
     acc.y += __ldcg(src + 2 * i + 1);
   }
-  acc = block_sum2(acc);
-  if (threadIdx.x == 0) {
-    partials[2 * o] = acc.x;
-    partials[2 * o + 1] = acc.y;
-  }
+  store_block_pair(partials + 2 * o, acc);
 }
 
 // One launch per reduction: after writing its pairs, each block takes an

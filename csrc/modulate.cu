@@ -121,11 +121,7 @@ __global__ void modulate_rows_kernel(const typename T::storage *__restrict__ x,
         });
       }
       if constexpr (INDICATOR) {  // one pair per chunk of rows: the fixed partition
-        acc = block_sum2(acc);
-        if (threadIdx.x == 0) {
-          ws[(b * nchunks + c) * 2] = acc.x;
-          ws[(b * nchunks + c) * 2 + 1] = acc.y;
-        }
+        store_block_pair(ws + (b * nchunks + c) * 2, acc);
       }
     }
   }
@@ -198,11 +194,7 @@ __global__ void __launch_bounds__(kThreads, BLOCKS)
         regs_row<T, P, INDICATOR, PACKS>(x + (b * rows + r) * cols, sc, sh, out + (b * rows + r) * cols,
                                          cols, norm, eps, acc);
       if constexpr (INDICATOR) {  // one pair per chunk of rows: the fixed partition
-        acc = block_sum2(acc);
-        if (threadIdx.x == 0) {
-          ws[(b * nchunks + c) * 2] = acc.x;
-          ws[(b * nchunks + c) * 2 + 1] = acc.y;
-        }
+        store_block_pair(ws + (b * nchunks + c) * 2, acc);
       }
     }
   }

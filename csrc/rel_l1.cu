@@ -46,11 +46,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) rel_l1_kernel(const ty
           acc.y += fabsf(pv[j]);
         }
       });
-      acc = block_sum2(acc);
-      if (threadIdx.x == 0) {
-        ws[(b * nchunks + k) * 2] = acc.x;
-        ws[(b * nchunks + k) * 2 + 1] = acc.y;
-      }
+      store_block_pair(ws + (b * nchunks + k) * 2, acc);
     }
   }
   if (ticket != nullptr) finish_in_last_block(ws, partials, outputs, per_output, ticket);  // fused
