@@ -27,12 +27,12 @@ finish_span_                by a device flag: ``residual = out - inp`` or ``out 
 from __future__ import annotations
 
 import numbers
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .backends import (BACKENDS, BackendUnavailableError, backend_for, get_backend,
+from .backends import (BACKENDS, BackendUnavailableError, backend_for,
                        unavailable_reason, use_backend)
 
 # The six ops: their names are the contract (torch.ops.teacache_fast.<name>,
@@ -50,63 +50,11 @@ __all__ = [
 from ._checks import (MAX_COEFFICIENTS, NORMS, SUPPORTED_DTYPES, _as_coefficients, _check_bool,  # noqa: F401
                       _check_like, _check_norm, _check_out, _check_span, _check_same_device, _check_same_shape,
                       _check_tensor, _check_writable, _check_x, _modulation_rows, check_threshold)
-
-
-# --------------------------------------------------------------------------- plumbing
-
-_profiling = torch._C._autograd._profiler_enabled
-
-
-def _dispatch(impl, op, ref: Tensor):
-    """What runs a checked call: the implementation itself in eager mode (the
-    arguments are checked already; torch.library dispatch would add 25-130 us
-    per call), the registered op when anything traces or intercepts (Dynamo,
-    a dispatch mode such as make_fx or FakeTensor, a tensor subclass), so
-    torch.compile sees one node per op."""
-    if type(ref) is Tensor and not torch.compiler.is_compiling() \
-            and not torch._C._len_torch_dispatch_stack() and not _profiling():
-        return impl
-    return op  # also under the profiler: it records the op by its registered name
-
-
-def _backend(t: Tensor):
-    return get_backend(backend_for(t))
-
-
-def _as_rows3(x: Tensor) -> Tensor:
-    if x.dim() == 3 and x.is_contiguous():
-        return x
-    return x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
-
-
-def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t if t is None or t.is_contiguous() else t.contiguous()
-
-
-def _write_back(dst: Tensor, fn) -> None:
-    """Run ``fn(buf)`` on a contiguous view of dst; copy back when dst was strided."""
-    if dst.is_contiguous():
-        fn(dst)
-    else:
-        buf = dst.contiguous()
-        fn(buf)
-        dst.copy_(buf)
-
-
-# --------------------------------------------------------------------------- modulate
-
-def _modulate_impl(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], norm: str, eps: float) -> Tensor:
-    x3 = _as_rows3(x)
-    m = _backend(x).modulate(x3, _contig(scale), _contig(shift), norm, eps)
-    return m.view(x.shape)
-
-
-_modulate = torch.library.custom_op("teacache_fast::modulate", _modulate_impl, mutates_args=())
-
-
-@_modulate.register_fake
-def _(x, scale, shift, norm, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+from ._registered import (_decide, _decide_impl, _dispatch, _finish_span, _finish_span_impl,  # noqa: F401
+                          _modulate, _modulate_impl, _modulated_rel_l1, _modulated_rel_l1_impl,
+                          _rel_l1_partials, _rel_l1_partials_impl, _residual_apply,
+                          _residual_apply_impl, _residual_apply_out, _residual_apply_out_impl,
+                          _residual_capture, _residual_capture_impl)
 
 
 def modulate(x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
@@ -126,28 +74,6 @@ def modulate(x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] 
     return _dispatch(_modulate_impl, _modulate, x)(x, scale, shift, norm, float(eps))
 
 
-# --------------------------------------------------------------------------- rel_l1_partials
-
-def _partials_shape(t: Tensor, per_sample: bool):
-    return (t.shape[0], 2) if per_sample else (2,)
-
-
-def _rel_l1_partials_impl(cur: Tensor, prev: Tensor, per_sample: bool) -> Tensor:
-    rows = cur.shape[0] if per_sample else 1
-    c2 = cur.reshape(rows, -1).contiguous()
-    p2 = prev.reshape(rows, -1).contiguous()
-    return _backend(cur).rel_l1_partials(c2, p2, per_sample)
-
-
-_rel_l1_partials = torch.library.custom_op("teacache_fast::rel_l1_partials", _rel_l1_partials_impl,
-                                           mutates_args=())
-
-
-@_rel_l1_partials.register_fake
-def _(cur, prev, per_sample):
-    return cur.new_empty(_partials_shape(cur, per_sample), dtype=torch.float32)
-
-
 def rel_l1_partials(cur: Tensor, prev: Tensor, per_sample: bool = False) -> Tensor:
     """fp32 ``[sum|cur - prev|, sum|prev|]``: shape (2,), or (B, 2) per sample.
 
@@ -161,35 +87,6 @@ def rel_l1_partials(cur: Tensor, prev: Tensor, per_sample: bool = False) -> Tens
         raise ValueError(f"per_sample=True needs a batch dimension: cur must be (B, ...), "
                          f"got shape {tuple(cur.shape)}")
     return _dispatch(_rel_l1_partials_impl, _rel_l1_partials, cur)(cur, prev, per_sample)
-
-
-# --------------------------------------------------------------------------- modulated_rel_l1_
-
-def _modulated_rel_l1_impl(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], prev: Tensor,
-                      norm: str, eps: float, per_sample: bool) -> Tensor:
-    x3 = _as_rows3(x)
-    be = _backend(x)
-    scale, shift = _contig(scale), _contig(shift)
-    if prev.is_contiguous():  # the common case: no copy back
-        p3 = prev if prev.shape == x3.shape else prev.view(x3.shape)
-        return be.modulated_rel_l1_(x3, scale, shift, p3, norm, eps, per_sample)
-    result = []
-
-    def run(buf: Tensor) -> None:
-        result.append(be.modulated_rel_l1_(x3, scale, shift, buf.view(x3.shape), norm, eps,
-                                           per_sample))
-
-    _write_back(prev, run)
-    return result[0]
-
-
-_modulated_rel_l1 = torch.library.custom_op("teacache_fast::modulated_rel_l1_", _modulated_rel_l1_impl,
-                                            mutates_args=("prev",))
-
-
-@_modulated_rel_l1.register_fake
-def _(x, scale, shift, prev, norm, eps, per_sample):
-    return x.new_empty(_partials_shape(x, per_sample), dtype=torch.float32)
 
 
 def modulated_rel_l1_(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], prev: Tensor,
@@ -209,37 +106,6 @@ def modulated_rel_l1_(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor
     _check_bool("per_sample", per_sample)
     return _dispatch(_modulated_rel_l1_impl, _modulated_rel_l1, x)(x, scale, shift, prev, norm,
                                                                     float(eps), per_sample)
-
-
-# --------------------------------------------------------------------------- teacache_decide_
-
-def _decide_impl(partials: Tensor, state: Tensor, coefficients: List[float], threshold: float,
-                 force: Optional[Tensor], max_consecutive_skips: int, accumulate_abs: bool = False,
-                 force_all: bool = False) -> Tensor:
-    """force: the per-state flags, or None for a host bool (force_all): no
-    flag tensor is made for it, the backend takes the bool as a scalar."""
-    lead = partials.shape[:-1]
-    p2 = partials.reshape(-1, 2).contiguous()
-    f1 = bool(force_all) if force is None else force.reshape(-1).contiguous()
-    be = _backend(partials)
-    result = []
-
-    def run(buf: Tensor) -> None:
-        result.append(be.teacache_decide_(p2, buf.view(-1, 2), coefficients, threshold, f1,
-                                          max_consecutive_skips, accumulate_abs))
-
-    _write_back(state, run)
-    return result[0].view(lead)
-
-
-_decide = torch.library.custom_op("teacache_fast::teacache_decide_", _decide_impl,
-                                  mutates_args=("state",))
-
-
-@_decide.register_fake
-def _(partials, state, coefficients, threshold, force, max_consecutive_skips, accumulate_abs=False,
-      force_all=False):
-    return partials.new_empty(partials.shape[:-1], dtype=torch.bool)
 
 
 def new_decide_state(partials_shape=(2,), device="cpu") -> Tensor:
@@ -299,29 +165,6 @@ def teacache_decide_(partials: Tensor, state: Tensor, coefficients, threshold: f
                                                       flags, max_skips, accumulate_abs, force_all)
 
 
-# --------------------------------------------------------------------------- residual ops
-
-def _residual_capture_impl(out: Tensor, inp: Tensor, residual: Tensor) -> None:
-    o1 = out.reshape(-1).contiguous()
-    i1 = inp.reshape(-1).contiguous()
-    be = _backend(out)
-    if residual.device == out.device:
-        _write_back(residual, lambda buf: be.residual_capture_(o1, i1, buf.view(-1)))
-    else:  # e.g. a CPU (pinned) cache of GPU activations: compute here, copy asynchronously
-        tmp = torch.empty(o1.shape, dtype=residual.dtype, device=out.device)
-        be.residual_capture_(o1, i1, tmp)
-        residual.copy_(tmp.view(residual.shape), non_blocking=True)
-
-
-_residual_capture = torch.library.custom_op("teacache_fast::residual_capture_", _residual_capture_impl,
-                                            mutates_args=("residual",))
-
-
-@_residual_capture.register_fake
-def _(out, inp, residual):
-    return None
-
-
 def residual_capture_(out: Tensor, inp: Tensor, residual: Tensor) -> None:
     """``residual = out - inp`` (fp32 arithmetic) into a preallocated buffer.
 
@@ -334,49 +177,6 @@ def residual_capture_(out: Tensor, inp: Tensor, residual: Tensor) -> None:
     _check_same_shape("residual", residual, "out", out)
     _check_writable("residual", residual)
     _dispatch(_residual_capture_impl, _residual_capture, out)(out, inp, residual)
-
-
-def _residual_apply_impl(hidden: Tensor, residual: Tensor, mask: Optional[Tensor]) -> None:
-    B = hidden.shape[0]
-    if residual.device != hidden.device:
-        residual = residual.to(hidden.device, non_blocking=True)
-    r2 = residual.reshape(B, -1).contiguous()
-    m1 = _contig(mask)
-    be = _backend(hidden)
-    _write_back(hidden, lambda buf: be.residual_apply_(buf.view(B, -1), r2, m1))
-
-
-_residual_apply = torch.library.custom_op("teacache_fast::residual_apply_", _residual_apply_impl,
-                                          mutates_args=("hidden",))
-
-
-@_residual_apply.register_fake
-def _(hidden, residual, mask):
-    return None
-
-
-def _residual_apply_out_impl(hidden: Tensor, residual: Tensor, mask: Optional[Tensor],
-                             out: Tensor) -> None:
-    B = hidden.shape[0]
-    if residual.device != hidden.device:
-        residual = residual.to(hidden.device, non_blocking=True)
-    h2 = hidden.reshape(B, -1).contiguous()
-    r2 = residual.reshape(B, -1).contiguous()
-    m1 = _contig(mask)
-    be = _backend(hidden)
-    _write_back(out, lambda buf: be.residual_apply_(h2, r2, m1, out=buf.view(B, -1)))
-
-
-# residual_apply_(..., out=): its own registration, mutating out only, so that a
-# compiled graph keeps hidden as is (declaring hidden mutated would make the
-# functionalized graph copy it first: the pass out= exists to save)
-_residual_apply_out = torch.library.custom_op("teacache_fast::residual_apply_out_",
-                                              _residual_apply_out_impl, mutates_args=("out",))
-
-
-@_residual_apply_out.register_fake
-def _(hidden, residual, mask, out):
-    return None
 
 
 def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor] = None, *,
@@ -407,27 +207,6 @@ def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor] = N
         return
     _check_out(out, hidden, residual)
     _dispatch(_residual_apply_out_impl, _residual_apply_out, hidden)(hidden, residual, mask, out)
-
-
-# --------------------------------------------------------------------------- span end (sync-free)
-
-def _finish_span_impl(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) -> None:
-    i1 = inp.reshape(-1).contiguous()
-    be = _backend(out)
-
-    def run(o: Tensor) -> None:
-        _write_back(residual, lambda r: be.finish_span_(compute, o.view(-1), i1, r.view(-1)))
-
-    _write_back(out, run)
-
-
-_finish_span = torch.library.custom_op("teacache_fast::finish_span_", _finish_span_impl,
-                                       mutates_args=("out", "residual"))
-
-
-@_finish_span.register_fake
-def _(compute, out, inp, residual):
-    return None
 
 
 def finish_span_(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..lanes import ApplyLane, CaptureLane, EmbeddingLane, IndicatorLane
 from .clock import CallClock, CallContext, Tick
 from .config import TeaCacheConfig
 from .decision import HostDecision
@@ -87,6 +88,9 @@ class BranchState:
         self.sample_skipped: Optional[List[int]] = None
         self.steps: List[bool] = []                  # per call: computed (all samples)?
         self.partials: Dict[int, List[List[float]]] = {}  # step -> the host rows read
+        # the op calls of every call, checked once per argument signature (teacache_fast.lanes)
+        self._indicator, self._embedding = IndicatorLane(), EmbeddingLane()
+        self._capture, self._apply = CaptureLane(), ApplyLane()
 
     def refresh(self) -> None:
         """Drop the buffers (the shapes changed; the next call computes), keep the counters."""
@@ -96,8 +100,11 @@ class BranchState:
 
     def partials_(self, x: Tensor, how: Dict[str, Any], per_sample: bool) -> Tensor:
         """The indicator's partial sums against the previous call's; prev <- new."""
-        self.prev = buffer_like(self.prev, x, zero=True)  # a fresh prev: the call is forced
-        return indicator_partials_(x, self.prev, per_sample=per_sample, **how)
+        self.prev = prev = buffer_like(self.prev, x, zero=True)  # a fresh prev: the call is forced
+        if how.get("norm") is None:
+            return self._embedding(x, prev, per_sample)
+        return self._indicator(x, how.get("scale"), how.get("shift"), prev, how["norm"],
+                               how.get("eps", 1e-6), per_sample)
 
     def decide(self, step: int, rows: List[List[float]], config: TeaCacheConfig,
                force: bool) -> List[bool]:
@@ -139,7 +146,10 @@ class BranchState:
 
     def capture(self, out: Tensor, inp: Tensor, config: TeaCacheConfig) -> None:
         """A computed step: residual <- out - inp."""
-        ops.residual_capture_(out, inp, self.residual_buffer(inp, config))
+        residual = self.residual
+        if residual is None or residual.shape != inp.shape:  # allocated at the decision, as a rule
+            residual = self.residual_buffer(inp, config)
+        self._capture(out, inp, residual)
 
     def apply(self, inp: Tensor) -> Tensor:
         """A skipped step: ``inp + residual`` as a new tensor.
@@ -148,9 +158,7 @@ class BranchState:
         hold it (long skip connections). Out of place in one pass (read inp
         and the residual, write the result), not a clone then an add.
         """
-        h = torch.empty_like(inp)
-        ops.residual_apply_(inp, self.residual, out=h)
-        return h
+        return self._apply(inp, self.residual)
 
     def capture_and_apply_(self, out: Tensor, inp: Tensor, computing: Tensor,
                            skip_mask: Tensor) -> Tensor:

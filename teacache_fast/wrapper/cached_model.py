@@ -15,6 +15,8 @@ just work), and diffusers' ``cache_context`` reaches the runner with the call.
 """
 from __future__ import annotations
 
+import functools
+
 import sys
 from dataclasses import fields
 from typing import Any, Callable, Dict, List, Optional
@@ -203,9 +205,8 @@ class CachedModel(_NotCopyable):
 # Python frame on top of the runner's own work.
 
 def _block_event(runner, index: int, ends_span: bool) -> Callable:
-    def block(original, args, kwargs):
-        return runner.block(index, ends_span, original, args, kwargs)
-    return block
+    # a partial is called from C: no Python frame of its own on every block call
+    return functools.partial(runner.block, index, ends_span)
 
 
 def _capture_event(runner, name: str) -> Callable:

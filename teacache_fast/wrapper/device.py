@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..cache.clock import scheduler_steps
+from ..cache.schedule import scheduler_steps
 from ..cache.config import TeaCacheConfig
 from ..cache.device_state import SyncFreeBranch, decide_with_partials, finish_span_
 from ..cache.stats import summary

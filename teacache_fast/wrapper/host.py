@@ -78,8 +78,11 @@ class HostRunner:
         self.process_group = process_group
         self.model_signature = signature_of(model.forward)
         self.call: Optional[HostCall] = None
-        self._host_decide = host_only(self._host_decide)
-        self._observe = host_only(self._observe)
+        # what a traced call runs (the one graph break); eager calls run the
+        # methods themselves: the disabled wrapper would swap Dynamo's frame
+        # callback in and out on every call, host time for nothing
+        self._host_region = host_only(self._host_decide)
+        self._observe_region = host_only(self._observe)
         self._fast_skip = adapter.passthrough is None   # a skipped block returns its stream
         self._warned: Dict[str, int] = {}               # warning kind -> generation it was given in
         self._busy = threading.Lock()
@@ -209,7 +212,8 @@ class HostRunner:
         first = BlockCall(original, args, kwargs, self.model, call.captured)
         stream = first[self.adapter.stream]
         x, how = indicator_of(self.adapter, first)
-        self._host_decide(call, stream, x, how, first)
+        region = self._host_region if torch.compiler.is_compiling() else self._host_decide
+        region(call, stream, x, how, first)
 
     def _host_decide(self, call: HostCall, stream: Tensor, x: Tensor, how: Dict[str, Any],
                      first: BlockCall) -> None:
@@ -287,13 +291,16 @@ class HostRunner:
         # a call by keywords only needs no binding (diffusers pipelines call so)
         bound = call.kwargs if not call.args else _bind(self.model_signature, call.args, call.kwargs)
         t_arg = bound.get(self.adapter.timestep_arg) if self.adapter.timestep_arg else None
-        tensors = [(k, v) for k, v in bound.items() if isinstance(v, Tensor)]
-        signature = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in tensors)
+        signature, inputs = [], []
+        for k, v in bound.items():
+            if isinstance(v, Tensor):
+                signature.append((k, v.shape, v.dtype, v.device))
+                inputs.append(v)
+        signature = tuple(signature)
         # the latents first: CFG branches of a step are told apart from a
         # restarted run by sharing them (cache/clock.py)
         latents = bound.get("hidden_states")
-        inputs = [v for _, v in tensors]
-        if isinstance(latents, Tensor):
+        if isinstance(latents, Tensor) and inputs[0] is not latents:
             inputs = [latents] + [v for v in inputs if v is not latents]
         tick = self.state.begin_call(t_arg, signature, call.context, inputs)
         call.branch, call.step, call.state = tick.branch, tick.step, self.state.branch(tick.branch)
@@ -315,7 +322,8 @@ class HostRunner:
         if call.mode == COMPUTE:
             bs.capture(out, inp, self.config)
             if self.config.observer is not None:  # a host callback: a break only when set
-                self._observe(call, out)
+                observe = self._observe_region if torch.compiler.is_compiling() else self._observe
+                observe(call, out)
             return out
         if call.mode == SKIP:
             return bs.apply(inp)
