@@ -89,7 +89,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["check_process_group", "allreduce_partials_", "combine_rank_partials", "agree_",
+__all__ = ["check_process_group", "allreduce_partials_", "combine_rank_partials", "agree_", "resolve_group",
            "GroupSource", "group_source", "model_cp_group", "FACTS", "CHECKED_FACTS"]
 
 # Device types each known c10d backend can move tensors of. Backends not listed
@@ -297,7 +297,9 @@ _FORCE = len(FACTS)          # message slot of the force flag; the first partial
 _HEADER = len(FACTS) + 1
 
 
-def _resolve(process_group, device):
+def resolve_group(process_group, device):
+    """The ProcessGroup that ``process_group`` (None, a group, or a
+    :class:`GroupSource`) stands for now, checked for tensors on ``device``; None: none."""
     if isinstance(process_group, GroupSource):
         return process_group.checked(device)
     return check_process_group(process_group, device)
@@ -335,7 +337,7 @@ def agree_(partials: Tensor, process_group=None, *, force=False, facts=None, ste
     """
     if not isinstance(partials, torch.Tensor):
         raise TypeError(f"partials must be a torch.Tensor, got {type(partials).__name__}")
-    group = _resolve(process_group, partials.device)
+    group = resolve_group(process_group, partials.device)
     if group is None:  # e.g. a diffusers model without context parallel: nothing to agree on
         return force
     if partials.dtype != torch.float32 or partials.dim() < 1 or partials.shape[-1] != 2:

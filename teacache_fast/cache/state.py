@@ -17,12 +17,14 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..distributed import agree_, resolve_group
 from ..lanes import ApplyLane, CaptureLane, EmbeddingLane, IndicatorLane
 from .clock import CallClock, CallContext, Tick
 from .config import TeaCacheConfig
 from .decision import HostDecision
 
-__all__ = ["BranchState", "CacheState", "indicator_partials_", "reduce_partials_", "buffer_like"]
+__all__ = ["BranchState", "CacheState", "indicator_partials_", "reduce_partials_", "sequence_group",
+           "buffer_like"]
 
 
 def buffer_like(t: Optional[Tensor], like: Tensor, *, dtype=None, device=None, zero=False,
@@ -53,6 +55,13 @@ def indicator_partials_(x: Tensor, prev: Tensor, *, scale: Optional[Tensor] = No
     return ops.modulated_rel_l1_(x, scale, shift, prev, norm, eps, per_sample)
 
 
+def sequence_group(process_group: Any, device: torch.device) -> Any:
+    """The group a call's partials are summed over now, or None (no
+    communication: the caller builds no facts). process_group: as for
+    :func:`reduce_partials_`."""
+    return None if process_group is None else resolve_group(process_group, device)
+
+
 def reduce_partials_(partials: Tensor, process_group: Any, *, force=False,
                      facts: Optional[Dict[str, int]] = None, step: Optional[Tensor] = None,
                      sync_free: bool = False):
@@ -70,7 +79,6 @@ def reduce_partials_(partials: Tensor, process_group: Any, *, force=False,
     """
     if process_group is None:
         return force
-    from ..distributed import agree_
     return agree_(partials, process_group, force=force, facts=facts, step=step,
                   sync_free=sync_free)
 

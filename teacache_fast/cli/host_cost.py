@@ -5,7 +5,10 @@ The model is the 1+1-block random FLUX transformer of ``flux_model.SPECS["smoke"
 (about 2 ms per call on one CPU thread, nearly all of it Python), so what a cache
 adds on the host is a visible share of a call. Every method is attached to the
 same model instance in turn and runs the same Euler loop; each call is timed on
-its own, inside ``model.cache_context("cond")`` as FluxPipeline calls it. The
+its own, inside ``model.cache_context("cond")`` as FluxPipeline calls it, by
+the CPU time of the calling thread on CPU (one intra-op thread runs all of a
+call's work, and time the thread is descheduled by other jobs does not count)
+or the wall clock up to a synchronize on CUDA. The
 runs are interleaved (one pass = every configuration once, the order rotating
 from pass to pass), on one thread, so a burst of load from other jobs slows all
 of them alike; medians over all calls of all passes are reported.
@@ -287,7 +290,9 @@ def markdown(result: Dict) -> List[str]:
             f"{_fmt(r['us_per_further_skipped_block'], '.1f')} us | "
             f"{r['compute_run_computed']}/{r['calls']} / {r['skip_run_computed']}/{r['calls']} | "
             f"{r['compute_settings']}; {r['skip_settings']} |")
-    lines += ["", "`extra per computed call`: median call with every call computed minus the plain model's "
+    lines += ["", "Calls are timed by the calling thread's CPU time on CPU (1 intra-op thread), by the wall "
+              "clock up to a synchronize on CUDA.",
+              "", "`extra per computed call`: median call with every call computed minus the plain model's "
               "median call. `skipped / plain`: median skipped call over the plain call. `per skipped block`: "
               "(skipped call - floor) / blocks the skip avoided; FirstBlockCache still runs its first block "
               "on a skipped call. `per further skipped block`: the skipped call of the same model with 2 + 38 "

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..cache.clock import CallContext
 from ..cache.config import TeaCacheConfig
-from ..cache.state import BranchState, CacheState, reduce_partials_
+from ..cache.state import BranchState, CacheState, reduce_partials_, sequence_group
 from ..cache.stats import branch_entry, rel_l1_from_rows, summary
 from ..models.base import Adapter, BlockCall, signature_of
 from ._compat import host_only
@@ -145,15 +145,20 @@ class HostRunner:
             out = self._finish(call, out)
         return out
 
-    def loop_gate(self, offset: int, span_end: Optional[int]) -> Callable[[int], bool]:
+    def loop_gate(self, offset: int, span_end: Optional[int]) -> Callable[[int], Optional[bool]]:
         """keep(i) for the block list whose first block is block ``offset`` of
-        the stack: a skipped call runs block 0 and the span's end only."""
-        def keep(i: int) -> bool:
+        the stack: a skipped call runs block 0 and the span's end only; once
+        the call is known to run its blocks (or runs outside a call), None:
+        the rest of the list, unasked."""
+        def keep(i: int) -> Optional[bool]:
             call = self.call
-            if call is None or call.mode != SKIP:
-                return True
-            index = offset + i
-            return index == 0 or index == span_end
+            if call is None:
+                return None
+            mode = call.mode
+            if mode == SKIP:
+                index = offset + i
+                return index == 0 or index == span_end
+            return True if mode is None else None   # not decided yet: ask again at the next block
         return keep
 
     def tail(self, original: Callable, args: tuple, kwargs: dict):
@@ -236,7 +241,8 @@ class HostRunner:
         forced = cfg.forced(tick.step, tick.num_steps, self.adapter.forced) or (
             tick.shadow is not None and cfg.forced(tick.shadow, tick.num_steps, self.adapter.forced)
         ) or bs.must_compute(stream)
-        if self.process_group is not None:  # sequence parallel: same partials, force, facts
+        if sequence_group(self.process_group, stream.device) is not None:
+            # sequence parallel: the same partials, force and facts on every rank
             forced = reduce_partials_(partials, self.process_group, force=forced, facts=dict(
                 branch=tick.branch, step=tick.step, num_steps=tick.num_steps,
                 generation=self.state.generations, batch=stream.shape[0]))

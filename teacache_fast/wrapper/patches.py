@@ -20,7 +20,8 @@ whatever was installed after):
 
 A third, for a model's block loops: :meth:`Patches.gate_iteration` makes a
 ``ModuleList`` ask ``keep(i)`` before it yields block ``i`` (so a loop can end
-early); removing it gives the list its class back.
+early; None: this block and every later one, unasked); removing it gives the
+list its class back.
 
 A module with overrides cannot be deep-copied or pickled while they are
 installed: the copy's forwards would still run the original's cache (a
@@ -74,8 +75,8 @@ class _Override(_NotCopyable):
 class _Keep(_NotCopyable):
     """A gated list's question ``keep(i)``; None when switched off."""
 
-    def __init__(self, keep: Callable[[int], bool]):
-        self.keep: Optional[Callable[[int], bool]] = keep
+    def __init__(self, keep: Callable[[int], Optional[bool]]):
+        self.keep: Optional[Callable[[int], Optional[bool]]] = keep
 
 
 def _gated_iter(self):
@@ -86,11 +87,18 @@ def _gated_iter(self):
     return _ask(self._modules.values(), keep)
 
 
-def _ask(modules, keep: Callable[[int], bool]):
+def _ask(modules, keep: Callable[[int], Optional[bool]]):
     # asked lazily: keep(i) runs after block i-1 returned, so it can read
-    # what that block decided
-    for i, m in enumerate(modules):
-        if keep(i):
+    # what that block decided; None: keep i and the rest without asking (a
+    # computed call pays no question per block)
+    it = iter(modules)
+    for i, m in enumerate(it):
+        k = keep(i)
+        if k is None:
+            yield m
+            yield from it
+            return
+        if k:
             yield m
 
 
@@ -195,9 +203,10 @@ class Patches:
         obj.__dict__[name] = override
         self._overrides.append((obj, name, own, override))
 
-    def gate_iteration(self, container: nn.ModuleList, keep: Callable[[int], bool]) -> None:
+    def gate_iteration(self, container: nn.ModuleList, keep: Callable[[int], Optional[bool]]) -> None:
         """Iterating ``container`` yields item ``i`` only when ``keep(i)`` is
-        true (asked as the loop reaches it); len() and indexing are unchanged.
+        true (asked as the loop reaches it; None: item i and all later ones,
+        without asking again); len() and indexing are unchanged.
         Traced code (torch.compile) iterates the plain list."""
         if not isinstance(container, nn.ModuleList):
             raise TypeError(f"gate_iteration needs an nn.ModuleList, got {type(container).__name__}")
