@@ -246,7 +246,9 @@ class HostRunner:
             forced = reduce_partials_(partials, self.process_group, force=forced, facts=dict(
                 branch=tick.branch, step=tick.step, num_steps=tick.num_steps,
                 generation=self.state.generations, batch=stream.shape[0]))
-        rows = partials.reshape(-1, 2).tolist()   # the one host read of this call
+        rows = partials.tolist()   # the one host read of this call: [num, den] or B of them
+        if partials.dim() == 1:
+            rows = [rows]
         flags = bs.decide(tick.step, rows, cfg, force=forced)
         self._check_estimate(bs, tick.step)
         if len(flags) == 1:
