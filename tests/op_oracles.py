@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from teacache_fast.backends import unavailable_reason
 
@@ -55,3 +56,15 @@ def partials64(cur, prev, per_sample: bool) -> torch.Tensor:
         c, p = cur.reshape(cur.shape[0], -1), prev.reshape(prev.shape[0], -1)
         return torch.stack(((c - p).abs().sum(1), p.abs().sum(1)), dim=1)
     return torch.stack(((cur - prev).abs().sum(), prev.abs().sum()))
+
+
+class RecordOps(TorchDispatchMode):
+    """A dispatch mode that records the name of every op it sees (and runs it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))

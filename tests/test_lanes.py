@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from op_oracles import RecordOps
 
 from teacache_fast import lanes, ops
 from teacache_fast.backends import use_backend
@@ -100,21 +101,12 @@ def test_an_armed_lane_still_rejects_bad_input():
 
 
 def test_a_dispatch_mode_sees_the_registered_op():
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     lane = lanes.IndicatorLane()
     x, scale, shift = _indicator_inputs(1, 4, 8, torch.float32, lambda B, C: (B, C))
     prev = torch.zeros_like(x)
     with torch.no_grad():
         lane(x, scale, shift, prev, "layer", 1e-6, False)
-        with Record() as mode:
+        with RecordOps() as mode:
             lane(x, scale, shift, prev, "layer", 1e-6, False)
     assert "teacache_fast.modulated_rel_l1_.default" in mode.names
 
