@@ -68,19 +68,19 @@ class HostDecision:
         coeffs = self._coeffs32
         thr = f32(threshold)
         never_skip = threshold <= 0.0
-        isfinite = math.isfinite
+        isfinite, c_float = math.isfinite, ctypes.c_float   # c_float(v).value is f32(v), inlined
         flags, rels, negative, decreased = [], [], False, False
         for i, (num, den) in enumerate(partials):
             valid = isfinite(num) and isfinite(den) and den != 0
-            rel = f32(num / den) if valid else 0.0
+            rel = c_float(num / den).value if valid else 0.0
             if not isfinite(rel):
                 valid, rel = False, 0.0
             poly = 0.0
             for c in coeffs:
-                poly = f32(f32(poly * rel) + c)
+                poly = c_float(c_float(poly * rel).value + c).value
             if accumulate_abs:
                 poly = abs(poly)
-            acc = f32(self.acc[i] + poly)
+            acc = c_float(self.acc[i] + poly).value
             rels.append(rel if valid else math.nan)
             negative = negative or (valid and poly < 0)
             compute = (force or never_skip or not valid or not isfinite(acc) or acc >= thr
