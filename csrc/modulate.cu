@@ -130,26 +130,39 @@ __global__ void modulate_rows_kernel(const typename T::storage *__restrict__ x,
   }
 }
 
+// The compile-time shape of a register row kernel's arithmetic: the norm and
+// which of scale / shift it reads. Each instance holds one norm and no branch
+// on the parameter pointers (the launcher picks the instance).
+template <int NORM_, bool SCALE_, bool SHIFT_>
+struct RowOp {
+  static constexpr int NORM = NORM_;
+  static constexpr bool SCALE = SCALE_, SHIFT = SHIFT_;
+};
+
 // One row held in registers: loads, statistics, m, the indicator's sums, store.
-template <typename T, typename P, bool INDICATOR, int PACKS>
+template <typename T, typename P, bool INDICATOR, int PACKS, typename OP>
 __device__ __forceinline__ void regs_row(const typename T::storage *xr, const typename P::storage *sc,
                                          const typename P::storage *sh, typename T::storage *outr,
-                                         int64_t cols, int norm, float eps, float2 &acc) {
+                                         int64_t cols, float eps, float2 &acc) {
   constexpr int VEC = vec_of<T>();
   const int64_t npacks = cols / VEC, ntail = cols % VEC;
   const bool aligned = aligned16(xr) && aligned16(outr) && aligned16(sc) && aligned16(sh);
   // every load of the row before the first barrier
   RowRegs<T, PACKS, VEC> xv, pv;
   RowRegs<P, PACKS, VEC> s, t;
-  load_share(xr, npacks, ntail, aligned, xv);
-  if (sc) load_share(sc, npacks, ntail, aligned, s);
-  if (sh) load_share(sh, npacks, ntail, aligned, t);
+  constexpr bool x_only = !(OP::SCALE || OP::SHIFT || INDICATOR);
+  load_share<x_only && sizeof(typename T::storage) == 4>(xr, npacks, ntail, aligned, xv);
+  // cols > 0 always holds here; the branch only keeps each parameter's loads in
+  // their own basic block: straight-line, ptxas spills the variants with both
+  // scale and shift at the blocks below (measured, sm_90, nvcc 13).
+  if constexpr (OP::SCALE) if (cols > 0) load_share(sc, npacks, ntail, aligned, s);
+  if constexpr (OP::SHIFT) if (cols > 0) load_share(sh, npacks, ntail, aligned, t);
   if constexpr (INDICATOR) load_share(outr, npacks, ntail, aligned, pv);
-  const float2 st = held_stats(xv, npacks, ntail, cols, norm, eps);
+  const float2 st = held_stats<OP::NORM>(xv, npacks, ntail, cols, eps);
   auto m_at = [&](int k, int j) {  // m of one held element; the indicator's sums
     float v = __fmul_rn(__fsub_rn(xv.at(k, j), st.x), st.y);
-    if (sc) v = __fmul_rn(v, __fadd_rn(1.0f, s.at(k, j)));
-    if (sh) v = __fadd_rn(v, t.at(k, j));
+    if constexpr (OP::SCALE) v = __fmul_rn(v, __fadd_rn(1.0f, s.at(k, j)));
+    if constexpr (OP::SHIFT) v = __fadd_rn(v, t.at(k, j));
     if constexpr (INDICATOR) {
       const float p = pv.at(k, j);
       v = T::to_f(T::from_f(v));  // compare what gets stored
@@ -172,27 +185,31 @@ __device__ __forceinline__ void regs_row(const typename T::storage *xr, const ty
   if (threadIdx.x < ntail) outr[npacks * VEC + threadIdx.x] = T::from_f(m_at(-1, 0));
 }
 
-// BLOCKS: the resident 256-thread blocks per SM this variant's grid is sized
-// for, and its __launch_bounds__ (regs_blocks_per_sm).
-template <typename T, typename P, bool INDICATOR, int PACKS, int BLOCKS>
+// NORM, SCALE, SHIFT: RowOp's (the template arguments spelled out, so the
+// kernel report can read them from the name). BLOCKS: the resident 256-thread
+// blocks per SM this variant's grid is sized for, and its __launch_bounds__
+// (regs_blocks_per_sm). `norm` stays a parameter (the same signature as
+// modulate_rows_kernel) but only NORM is read.
+template <typename T, typename P, bool INDICATOR, int PACKS, int NORM, bool SCALE, bool SHIFT, int BLOCKS>
 __global__ void __launch_bounds__(kThreads, BLOCKS)
     modulate_regs_kernel(const typename T::storage *__restrict__ x,
                          const typename P::storage *__restrict__ scale, int64_t scale_stride,
                          const typename P::storage *__restrict__ shift, int64_t shift_stride,
                          typename T::storage *__restrict__ out,  // prev if INDICATOR
-                         float *__restrict__ ws, int64_t batch, int64_t rows, int64_t cols, int norm,
-                         float eps, float *__restrict__ partials, int64_t outputs, int64_t per_output,
-                         unsigned *__restrict__ ticket) {
+                         float *__restrict__ ws, int64_t batch, int64_t rows, int64_t cols,
+                         [[maybe_unused]] int norm, float eps, float *__restrict__ partials,
+                         int64_t outputs, int64_t per_output, unsigned *__restrict__ ticket) {
+  using OP = RowOp<NORM, SCALE, SHIFT>;
   const int64_t nchunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
-    const typename P::storage *sc = scale ? scale + b * scale_stride : nullptr;
-    const typename P::storage *sh = shift ? shift + b * shift_stride : nullptr;
+    const typename P::storage *sc = SCALE ? scale + b * scale_stride : nullptr;
+    const typename P::storage *sh = SHIFT ? shift + b * shift_stride : nullptr;
     for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
       float2 acc = make_float2(0.f, 0.f);
       const int64_t r_end = (c + 1) * kRowsPerChunk < rows ? (c + 1) * kRowsPerChunk : rows;
       for (int64_t r = c * kRowsPerChunk; r < r_end; ++r)
-        regs_row<T, P, INDICATOR, PACKS>(x + (b * rows + r) * cols, sc, sh, out + (b * rows + r) * cols,
-                                         cols, norm, eps, acc);
+        regs_row<T, P, INDICATOR, PACKS, OP>(x + (b * rows + r) * cols, sc, sh, out + (b * rows + r) * cols,
+                                             cols, eps, acc);
       if constexpr (INDICATOR) {  // one pair per chunk of rows: the fixed partition
         store_block_pair(ws + (b * nchunks + c) * 2, acc);
       }
@@ -216,17 +233,22 @@ constexpr int loop_blocks_per_sm() {
 }
 
 // Resident 256-thread blocks per SM each variant of the register row kernel
-// is compiled for (its __launch_bounds__) and its grid assumes, chosen by
-// compiling for sm_90 with nvcc 13: none spills, and one block more spills
-// for every indicator variant and for modulate with 4 packs (modulate with 2
-// packs at 6 was not tried). The indicator also holds prev; fp32 params of a
-// 16-bit row (twice the words) cost one block. The kernel report test fails
+// is compiled for (its __launch_bounds__) and its grid assumes. What a thread
+// holds: 4 words per pack of x (16 bytes) and of prev (the indicator), 4 or 8
+// (fp32 params of a 16-bit row) per pack of scale and of shift. Compiled for
+// sm_90 with nvcc 13, every variant fits in those words plus 24 registers, 8
+// more for the indicator and 8 more with 4 packs; the blocks are the most whose
+// register share covers that: none of the 216 variants spills. With scale and
+// shift these are the counts of the unspecialized kernel, where one block more
+// spilled for the indicator and for 4 packs. The kernel report test fails
 // when a variant spills or fits another number of blocks than this.
-template <typename T, typename P, bool INDICATOR, int PACKS>
+template <typename T, typename P, bool INDICATOR, int PACKS, bool SCALE, bool SHIFT>
 constexpr int regs_blocks_per_sm() {
-  constexpr bool wide = sizeof(typename P::storage) > sizeof(typename T::storage);
-  constexpr int base = PACKS <= 2 ? (INDICATOR ? 4 : 5) : (INDICATOR ? 2 : 3);
-  return wide ? base - 1 : base;
+  constexpr int pwords = 4 * static_cast<int>(sizeof(typename P::storage) / sizeof(typename T::storage));
+  constexpr int words = PACKS * (4 * (INDICATOR ? 2 : 1) + pwords * ((SCALE ? 1 : 0) + (SHIFT ? 1 : 0)));
+  constexpr int need = words + 24 + (INDICATOR ? 8 : 0) + (PACKS > 2 ? 8 : 0);
+  // registers per thread at 8, 6, 5, 4, 3 and 2 resident 256-thread blocks
+  return need <= 32 ? 8 : need <= 40 ? 6 : need <= 48 ? 5 : need <= 64 ? 4 : need <= 80 ? 3 : need <= 128 ? 2 : 1;
 }
 
 int64_t row_chunks(int64_t rows) { return ceil_div(rows, kRowsPerChunk); }
@@ -256,21 +278,44 @@ struct RowArgs {
       static_cast<typename T::storage *>(a.out), a.ws, a.batch, a.rows, a.cols, a.norm, a.eps, \
       a.partials, a.outputs, a.per_output, a.ticket
 
-template <bool INDICATOR, typename T, typename P, int PACKS>
+template <bool INDICATOR, typename T, typename P, int PACKS, int NORM, bool SCALE, bool SHIFT>
 void launch_regs(const RowArgs &a, int sms, int threads, cudaStream_t stream) {
-  constexpr int BLOCKS = regs_blocks_per_sm<T, P, INDICATOR, PACKS>();
+  constexpr int BLOCKS = regs_blocks_per_sm<T, P, INDICATOR, PACKS, SCALE, SHIFT>();
   const dim3 grid(static_cast<unsigned>(row_blocks(sms, a.batch, a.rows, BLOCKS)), grid_y(a.batch));
-  TCF_LAUNCH((modulate_regs_kernel<T, P, INDICATOR, PACKS, BLOCKS>), grid, threads, 0, stream)(TCF_ROW_ARGS(a));
+  TCF_LAUNCH((modulate_regs_kernel<T, P, INDICATOR, PACKS, NORM, SCALE, SHIFT, BLOCKS>), grid, threads, 0,
+             stream)(TCF_ROW_ARGS(a));
+}
+
+// The register row kernel's instance for the run-time norm and parameters.
+// Rows without scale and shift have no parameter dtype: only P = T exists.
+template <bool INDICATOR, typename T, typename P, int PACKS, int NORM>
+void launch_regs_params(const RowArgs &a, int sms, int threads, cudaStream_t stream) {
+  if (a.scale && a.shift) return launch_regs<INDICATOR, T, P, PACKS, NORM, true, true>(a, sms, threads, stream);
+  if (a.scale) return launch_regs<INDICATOR, T, P, PACKS, NORM, true, false>(a, sms, threads, stream);
+  if (a.shift) return launch_regs<INDICATOR, T, P, PACKS, NORM, false, true>(a, sms, threads, stream);
+  if constexpr (std::is_same_v<P, T>) launch_regs<INDICATOR, T, P, PACKS, NORM, false, false>(a, sms, threads, stream);
+}
+
+template <bool INDICATOR, typename T, typename P, int PACKS>
+void launch_regs_norm(const RowArgs &a, int sms, int threads, cudaStream_t stream) {
+  switch (a.norm) {  // check_rows admits these three
+    case TCF_NORM_LAYER: return launch_regs_params<INDICATOR, T, P, PACKS, TCF_NORM_LAYER>(a, sms, threads, stream);
+    case TCF_NORM_RMS: return launch_regs_params<INDICATOR, T, P, PACKS, TCF_NORM_RMS>(a, sms, threads, stream);
+    default: return launch_regs_params<INDICATOR, T, P, PACKS, TCF_NORM_NONE>(a, sms, threads, stream);
+  }
 }
 
 // The row in registers when the thread's share fits kMaxRowPacks packs (two
-// specializations: up to 2 and up to 4 packs), else the looped kernel.
+// specializations: up to 2 and up to 4 packs), else the looped kernel, which
+// keeps the norm and the parameters run-time choices (one instance per dtype
+// pair: it is not the benchmark shapes' path, and specializing it would
+// multiply its instances by 12).
 template <bool INDICATOR, typename T, typename P>
 void launch_rows(const RowArgs &a, int sms, cudaStream_t stream) {
   const int threads = row_threads(a.cols, vec_of<T>());
   const int64_t packs = ceil_div(a.cols / vec_of<T>(), threads);
-  if (packs <= 2) return launch_regs<INDICATOR, T, P, 2>(a, sms, threads, stream);
-  if (packs <= kMaxRowPacks) return launch_regs<INDICATOR, T, P, kMaxRowPacks>(a, sms, threads, stream);
+  if (packs <= 2) return launch_regs_norm<INDICATOR, T, P, 2>(a, sms, threads, stream);
+  if (packs <= kMaxRowPacks) return launch_regs_norm<INDICATOR, T, P, kMaxRowPacks>(a, sms, threads, stream);
   constexpr int BLOCKS = loop_blocks_per_sm<T, INDICATOR>();
   const dim3 grid(static_cast<unsigned>(row_blocks(sms, a.batch, a.rows, BLOCKS)), grid_y(a.batch));
   TCF_LAUNCH((modulate_rows_kernel<T, P, INDICATOR, BLOCKS>), grid, threads, 0, stream)(TCF_ROW_ARGS(a));

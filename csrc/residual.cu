@@ -4,6 +4,8 @@
 // sync-free span end (one of the two, by a device flag): elementwise, fp32
 // arithmetic, the residual in its own dtype (e.g. an fp32 cache of bf16
 // activations).
+#include <initializer_list>
+
 #include "common.cuh"
 
 namespace tcf {
@@ -108,6 +110,48 @@ tcf_status check_dtypes(const char *op, tcf_dtype dtype, tcf_dtype residual_dtyp
   return TCF_SUCCESS;
 }
 
+// A pointer argument of an elementwise op: its name in messages and its dtype.
+struct Operand {
+  const char *name;
+  const void *p;
+  bool residual;  // in residual_dtype (else dtype; the span end's flag is one byte)
+  bool flag = false;
+};
+
+// The shape of an elementwise launch: `batch` samples of `len` elements, or
+// one flat range of `len` (numel) elements.
+struct Elementwise {
+  int64_t batch, len;
+  bool flat;
+};
+
+// What the three residual launchers check, in their order: the dtype codes,
+// the sizes, then (when there is work: *empty false) each pointer (non-NULL,
+// element-aligned) and the SM count; *grid is the launch's grid.
+tcf_status check_elementwise_args(const char *op, tcf_dtype dtype, tcf_dtype residual_dtype,
+                                  const Elementwise &shape, std::initializer_list<Operand> operands,
+                                  dim3 *grid, bool *empty) {
+  *empty = true;
+  const tcf_status st = check_dtypes(op, dtype, residual_dtype);
+  if (st != TCF_SUCCESS) return st;
+  if (shape.flat && shape.len < 0)
+    return fail(TCF_ERROR_INVALID_VALUE, "%s: numel must be >= 0, got %lld", op, (long long)shape.len);
+  if (!shape.flat && (shape.batch < 0 || shape.len < 0))
+    return fail(TCF_ERROR_INVALID_VALUE, "%s: batch (%lld) and len (%lld) must be >= 0", op,
+                (long long)shape.batch, (long long)shape.len);
+  if (shape.batch * shape.len == 0) return ok();
+  for (const Operand &o : operands) {
+    const int size = o.flag ? 1 : dtype_size(o.residual ? residual_dtype : dtype);
+    if (check_ptr(op, o.name, o.p, size) != TCF_SUCCESS) return TCF_ERROR_INVALID_VALUE;
+  }
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return cuda_fail(op, err);
+  *grid = dim3(static_cast<unsigned>(elementwise_blocks(sms, shape.batch, shape.len, dtype)), grid_y(shape.batch));
+  *empty = false;
+  return ok();
+}
+
 }  // namespace
 }  // namespace tcf
 
@@ -117,18 +161,12 @@ extern "C" tcf_status tcf_residual_capture(const void *out, const void *inp, voi
                                            int64_t numel, tcf_dtype dtype,
                                            tcf_dtype residual_dtype, cudaStream_t stream) {
   const char *op = "tcf_residual_capture";
-  tcf_status st = check_dtypes(op, dtype, residual_dtype);
-  if (st != TCF_SUCCESS) return st;
-  if (numel < 0) return fail(TCF_ERROR_INVALID_VALUE, "%s: numel must be >= 0, got %lld", op, (long long)numel);
-  if (numel == 0) return ok();
-  const int es = dtype_size(dtype);
-  if (check_ptr(op, "out", out, es) != TCF_SUCCESS || check_ptr(op, "inp", inp, es) != TCF_SUCCESS ||
-      check_ptr(op, "residual", residual, dtype_size(residual_dtype)) != TCF_SUCCESS)
-    return TCF_ERROR_INVALID_VALUE;
-  int sms = 0;
-  const cudaError_t err = sm_count(&sms);
-  if (err != cudaSuccess) return cuda_fail(op, err);
-  const unsigned grid = static_cast<unsigned>(elementwise_blocks(sms, 1, numel, dtype));
+  dim3 grid;
+  bool empty;
+  const tcf_status st = check_elementwise_args(op, dtype, residual_dtype, {1, numel, true},
+                                               {{"out", out, false}, {"inp", inp, false},
+                                                {"residual", residual, true}}, &grid, &empty);
+  if (st != TCF_SUCCESS || empty) return st;
   TCF_DISPATCH(dtype, T, TCF_DISPATCH(residual_dtype, R,
       TCF_LAUNCH((capture_kernel<T, R>), grid, kThreads, 0, stream)(
           static_cast<const typename T::storage *>(out), static_cast<const typename T::storage *>(inp),
@@ -142,20 +180,12 @@ namespace {
 tcf_status residual_apply(const char *op, const void *hidden, const void *residual,
                           const uint8_t *mask, void *out, int64_t batch, int64_t len,
                           tcf_dtype dtype, tcf_dtype residual_dtype, cudaStream_t stream) {
-  tcf_status st = check_dtypes(op, dtype, residual_dtype);
-  if (st != TCF_SUCCESS) return st;
-  if (batch < 0 || len < 0)
-    return fail(TCF_ERROR_INVALID_VALUE, "%s: batch (%lld) and len (%lld) must be >= 0", op,
-                (long long)batch, (long long)len);
-  if (batch * len == 0) return ok();
-  if (check_ptr(op, "hidden", hidden, dtype_size(dtype)) != TCF_SUCCESS ||
-      check_ptr(op, "residual", residual, dtype_size(residual_dtype)) != TCF_SUCCESS ||
-      check_ptr(op, "out", out, dtype_size(dtype)) != TCF_SUCCESS)
-    return TCF_ERROR_INVALID_VALUE;
-  int sms = 0;
-  const cudaError_t err = sm_count(&sms);
-  if (err != cudaSuccess) return cuda_fail(op, err);
-  const dim3 grid(static_cast<unsigned>(elementwise_blocks(sms, batch, len, dtype)), grid_y(batch));
+  dim3 grid;
+  bool empty;
+  const tcf_status st = check_elementwise_args(op, dtype, residual_dtype, {batch, len, false},
+                                               {{"hidden", hidden, false}, {"residual", residual, true},
+                                                {"out", out, false}}, &grid, &empty);
+  if (st != TCF_SUCCESS || empty) return st;
   TCF_DISPATCH(dtype, T, TCF_DISPATCH(residual_dtype, R,
       TCF_LAUNCH((apply_kernel<T, R>), grid, kThreads, 0, stream)(
           static_cast<const typename T::storage *>(hidden),
@@ -189,19 +219,13 @@ extern "C" tcf_status tcf_finish_span(const uint8_t *compute, void *out, const v
                                       void *residual, int64_t numel, tcf_dtype dtype,
                                       tcf_dtype residual_dtype, cudaStream_t stream) {
   const char *op = "tcf_finish_span";
-  tcf_status st = check_dtypes(op, dtype, residual_dtype);
-  if (st != TCF_SUCCESS) return st;
-  if (numel < 0) return fail(TCF_ERROR_INVALID_VALUE, "%s: numel must be >= 0, got %lld", op, (long long)numel);
-  if (numel == 0) return ok();
-  const int es = dtype_size(dtype);
-  if (check_ptr(op, "compute", compute, 1) != TCF_SUCCESS || check_ptr(op, "out", out, es) != TCF_SUCCESS ||
-      check_ptr(op, "inp", inp, es) != TCF_SUCCESS ||
-      check_ptr(op, "residual", residual, dtype_size(residual_dtype)) != TCF_SUCCESS)
-    return TCF_ERROR_INVALID_VALUE;
-  int sms = 0;
-  const cudaError_t err = sm_count(&sms);
-  if (err != cudaSuccess) return cuda_fail(op, err);
-  const unsigned grid = static_cast<unsigned>(elementwise_blocks(sms, 1, numel, dtype));
+  dim3 grid;
+  bool empty;
+  const tcf_status st = check_elementwise_args(op, dtype, residual_dtype, {1, numel, true},
+                                               {{"compute", compute, false, true}, {"out", out, false},
+                                                {"inp", inp, false}, {"residual", residual, true}},
+                                               &grid, &empty);
+  if (st != TCF_SUCCESS || empty) return st;
   TCF_DISPATCH(dtype, T, TCF_DISPATCH(residual_dtype, R,
       TCF_LAUNCH((span_end_kernel<T, R>), grid, kThreads, 0, stream)(
           compute, static_cast<typename T::storage *>(out), static_cast<const typename T::storage *>(inp),

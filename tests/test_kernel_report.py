@@ -147,7 +147,9 @@ def test_every_kernel_is_reported(report):
                                  "_rel_l1_partials_kernel", "_residual_capture_kernel",
                                  "_residual_apply_kernel", "_decide_kernel")}
     cuda = [k for k in facts["kernels"] if k["backend"] == "cuda"]
-    assert len(cuda) == 10 + 20 + 3 + 1 + 9 + 9 + 9 + 1  # every template instance
+    # every template instance; the register row kernel: 2 indicator x 2 packs x 3 norms x
+    # (scale, shift, both, neither: 4 for the 3 x dtypes, 3 for the 2 fp32-param pairs)
+    assert len(cuda) == 10 + 2 * 2 * 3 * (3 * 4 + 2 * 3) + 3 + 1 + 9 + 9 + 9 + 1
     for key in KNOWN_SHORTFALLS:  # the table names real kernels
         assert any((k["backend"], k["name"]) == key[:2] and key[2] in (None, k.get("extra", {}).get("dtype"))
                    for k in facts["kernels"]), key
@@ -180,6 +182,26 @@ def _expected_bits(k: dict, param: str) -> int:
     return min(128, vec * SIZES[other] * 8) if param in second else 128
 
 
+def _regs_args(name: str) -> dict | None:
+    """The template arguments of a modulate_regs_kernel instance, by name."""
+    m = re.fullmatch(r"modulate_regs_kernel<(\w+),(\w+),(true|false),(\d+),(\d),(true|false),(true|false),(\d+)>",
+                     name)
+    if not m:
+        return None
+    x, p, ind, packs, norm, scale, shift, blocks = m.groups()
+    return dict(x=x, params=p, indicator=ind == "true", packs=int(packs), norm=int(norm),
+                scale=scale == "true", shift=shift == "true", blocks=int(blocks))
+
+
+def _expected_inputs(k: dict) -> set:
+    """EXPECTED_INPUTS, less the parameters a specialized register row kernel does not read."""
+    want = set(EXPECTED_INPUTS[_base(k)])
+    args = _regs_args(k["name"]) if k["backend"] == "cuda" else None
+    if args is not None:
+        want -= {p for p in ("scale", "shift") if not args[p]}
+    return want
+
+
 def test_128_bit_accesses_in_hot_loops(report):
     facts, _ = report
     problems = []
@@ -187,7 +209,7 @@ def test_128_bit_accesses_in_hot_loops(report):
         if not ROW_KERNELS.match(k["name"]):
             continue
         inputs = set(k["passes"]) - NOT_ROW_DATA
-        missing = EXPECTED_INPUTS[_base(k)] - inputs
+        missing = _expected_inputs(k) - inputs
         if missing:
             problems.append(f"{k['name']} ({k['case']}): no attributed loads of {sorted(missing)}")
         for p in inputs:
@@ -280,7 +302,8 @@ def test_triton_row_kernels_hold_the_row_in_registers(report):
             for C, size, p in ((3072, 2, False), (3072, 4, False), (5120, 2, False), (3072, 2, True))} <= seen
 
 
-def _cuda_row_kernel(C: int, x: str, params: str) -> str:
+def _cuda_row_kernel(C: int, x: str, params: str, indicator: bool = True, norm: int = 1, scale: bool = True,
+                     shift: bool = True) -> str:
     """The register row kernel tcf_modulated_rel_l1 launches at width C (launch_rows in
     csrc/modulate.cu): row_threads(C, vec) threads, packs per thread rounded up to 2 or
     kMaxRowPacks; the name without its last template argument (the assumed blocks)."""
@@ -290,12 +313,13 @@ def _cuda_row_kernel(C: int, x: str, params: str) -> str:
     threads = max(32, min(256, -(-(-(-C // vec)) // 32) * 32))
     packs = -(-(C // vec) // threads)
     assert packs <= max_packs, (C, x)
-    return f"modulate_regs_kernel<{x},{params},true,{2 if packs <= 2 else max_packs},"
+    return (f"modulate_regs_kernel<{x},{params},{str(indicator).lower()},{2 if packs <= 2 else max_packs},{norm},"
+            f"{str(scale).lower()},{str(shift).lower()},")
 
 
 def test_cuda_row_kernel_holds_the_row_in_registers(report):
     # FLUX C=3072 (bf16 x with bf16 and with fp32 params, fp32 x) and Wan C=5120 bf16: the
-    # indicator's instance holds the row in registers: each input (x, scale, shift, prev =
+    # indicator's LayerNorm-with-scale-and-shift instance holds the row in registers: each input (x, scale, shift, prev =
     # `out`) read once per row, every load of the row before its first barrier, no spills,
     # stack or local memory, and exactly the resident blocks its grid is sized for.
     facts, _ = report
@@ -311,6 +335,74 @@ def test_cuda_row_kernel_holds_the_row_in_registers(report):
         assert k["threads"] == 256 and k["blocks"] == k["assumed"] == int(name[len(prefix):-1]), \
             (name, k["blocks"], k["assumed"])
         assert name not in {key[1] for key in KNOWN_SHORTFALLS}, name
+
+
+def test_cuda_row_kernel_is_specialized_per_norm_and_params(report):
+    # csrc/modulate.cu's launcher picks a register row kernel instance per norm (none, layer,
+    # rms) and per present parameter: at FLUX C=3072 (bf16 x with bf16 and with fp32 params,
+    # fp32 x) and Wan C=5120 bf16, for modulate and the indicator, every instance it can pick
+    # exists, reads exactly the inputs it has (an absent scale or shift is not loaded at
+    # all, so no branch on its pointer is left), loads each once before the first barrier,
+    # does not spill, and fits the blocks its grid assumes. Its barriers follow the norm:
+    # LayerNorm reduces twice, RMSNorm once, none never (modulate has no barrier then).
+    facts, _ = report
+    cuda = {k["name"]: k for k in facts["kernels"] if k["backend"] == "cuda"}
+    problems = []
+    for C, x, params in ((3072, "BF16", "BF16"), (3072, "BF16", "F32"), (3072, "F32", "F32"),
+                         (5120, "BF16", "BF16")):
+        for indicator in (False, True):
+            barriers = {}
+            for norm in (0, 1, 2):
+                combos = [(True, True), (True, False), (False, True)] + ([(False, False)] if x == params else [])
+                for scale, shift in combos:
+                    prefix = _cuda_row_kernel(C, x, params, indicator, norm, scale, shift)
+                    names = [n for n in cuda if n.startswith(prefix)]
+                    if len(names) != 1:
+                        problems.append(f"{prefix}...: {len(names)} instances")
+                        continue
+                    k = cuda[names[0]]
+                    want = {"x": 1} | ({"out": 1} if indicator else {}) | ({"scale": 1} if scale else {}) \
+                        | ({"shift": 1} if shift else {})
+                    if k["passes"] != want:
+                        problems.append(f"{names[0]}: loads per row {k['passes']}, want {want}")
+                    if k["loads_before_barrier"] is not (None if norm == 0 and not indicator else True):
+                        problems.append(f"{names[0]}: loads before the first barrier {k['loads_before_barrier']}")
+                    if k["spill_st"] or k["spill_ld"] or k["stack"] or k["local"] or k["blocks"] != k["assumed"]:
+                        problems.append(f"{names[0]}: spills {k['spill_st']}/{k['spill_ld']}, blocks "
+                                        f"{k['blocks']} vs {k['assumed']}")
+                    barriers.setdefault(norm, set()).add(k["barriers"])
+            if not problems:
+                (none,), (layer,), (rms,) = barriers[0], barriers[1], barriers[2]
+                if not (none < rms < layer) or (not indicator and none != 0):
+                    problems.append(f"{x},{params} C={C} indicator={indicator}: barriers by norm "
+                                    f"none {none}, rms {rms}, layer {layer}")
+    assert not problems, "\n".join(problems)
+
+
+def test_elementwise_kernels_are_bounded_for_their_grid(report):
+    # capture, apply (in place and out=) and the sync-free span end size their grids for
+    # kBlocksPerSm resident blocks (elementwise_blocks) and say so in __launch_bounds__: each
+    # instance assumes kBlocksPerSm and fits exactly that many.
+    facts, _ = report
+    source = (ROOT / "csrc" / "residual.cu").read_text()
+    k_blocks = int(re.search(r"constexpr int kBlocksPerSm = (\d+);", (ROOT / "csrc" / "common.cuh").read_text()).group(1))
+    for kernel in ("capture_kernel", "apply_kernel", "span_end_kernel"):
+        assert re.search(rf"__launch_bounds__\(kThreads, kBlocksPerSm\)\s+{kernel}\(", source), kernel
+        instances = [k for k in facts["kernels"] if k["backend"] == "cuda" and _base(k) == kernel]
+        assert len(instances) == 9, kernel
+        for k in instances:
+            assert k["assumed"] == k_blocks == k["blocks"], (k["name"], k["assumed"], k["blocks"])
+            assert not (k["spill_st"] or k["spill_ld"] or k["stack"] or k["local"]), k["name"]
+
+
+def test_triton_residual_apply_out_is_a_case(report):
+    # residual_apply_'s out= launch (IN_PLACE=False) is its own Triton specialization.
+    facts, _ = report
+    apply = [k for k in facts["kernels"] if k["name"] == "_residual_apply_kernel"]
+    assert {"IN_PLACE=False" in k["case"] for k in apply} == {True, False}, [k["case"] for k in apply]
+    for k in apply:
+        if "IN_PLACE=False" in k["case"]:
+            assert "residual_apply_out" in k["case"] and k["assumed"] is not None, k["case"]
 
 
 def test_committed_report_is_current(report):

@@ -680,7 +680,7 @@ def _header_int(name: str) -> int:
 
 
 # Which launches size their grid for kBlocksPerSm resident blocks (blocks_per_sample).
-CUDA_GRID_ASSUMES_RESIDENCY = {"rel_l1_kernel", "capture_kernel", "apply_kernel"}
+CUDA_GRID_ASSUMES_RESIDENCY = {"rel_l1_kernel", "capture_kernel", "apply_kernel", "span_end_kernel"}
 # Kernels whose grid assumes the resident blocks named by their last template
 # argument (also their __launch_bounds__ minimum): the two row kernels.
 CUDA_BLOCKS_ARG = {"modulate_rows_kernel", "modulate_regs_kernel"}
@@ -859,6 +859,8 @@ def triton_thunks():
         cases.append((f"residual_capture_ {label}", lambda f=flat: tb.residual_capture_(
             f.view(-1), torch.empty_like(f.view(-1)), torch.empty_like(f.view(-1)))))
         cases.append((f"residual_apply_ {label}", lambda f=flat: tb.residual_apply_(f, torch.empty_like(f), None)))
+        cases.append((f"residual_apply_out {label}", lambda f=flat: tb.residual_apply_(
+            f, torch.empty_like(f), None, out=torch.empty_like(f))))
     parts = meta((1, 2), torch.float32)
     cases.append(("teacache_decide_ S=1", lambda: tb.teacache_decide_(parts, torch.empty_like(parts), [1.0, -2.0, 3.0], 0.1,
                                                      meta((1,), torch.bool), 3)))
@@ -963,7 +965,7 @@ def triton_report(arch: int, workdir: Path) -> tuple[list[KernelFacts], dict]:
         smem = int(result.metadata.shared)
         blocks, limiter = blocks_per_sm(arch, usage.get("REG", 0), threads, smem)
         consts = " ".join(f"{k}={v}" for k, v in comp.constexprs.items()
-                          if k in ("NORM", "HAS_SCALE", "HAS_SHIFT", "HAS_MASK", "BLOCK_C", "BLOCK",
+                          if k in ("NORM", "HAS_SCALE", "HAS_SHIFT", "HAS_MASK", "IN_PLACE", "BLOCK_C", "BLOCK",
                                    "SINGLE", "TAIL"))
         dtypes = ",".join(sorted({ty[1:] for p, ty in comp.signature.items() if ty.startswith("*") and
                                   p not in ("part_ptr", "mask_ptr", "out_ptr")}))
@@ -1018,17 +1020,26 @@ def facts_table(facts: list[KernelFacts]) -> str:
     return "\n".join(lines)
 
 
+# The last comparison of the per-file cubins' SASS with the built extension's (sm_90), by hand:
+# (functions identical of functions, date).
+SO_SASS_MATCH = ("259 of 259", "2026-12-02")
+
 METHOD = """\
 How each column is derived (all from compiled code; nothing is run):
 
-- **CUDA code**: each csrc/*.cu compiled alone to a cubin with the flags above; when this tool was
-  written its SASS was identical, function by function (34 of 34), to that of the extension built by
-  `setup.py build_ext` for the same SM, and the resource usage matched. The row kernels pick their
-  norm at run time, so their code holds all three. `modulate_regs_kernel<T,P,INDICATOR,PACKS,BLOCKS>`
-  holds the row in registers (up to PACKS packs of 16 bytes per thread; every shape of the benchmarks
-  takes it): one load per input, the statistics from registers. `modulate_rows_kernel` is the looped
-  path for wider rows; its "loads per row" takes the longest path (LayerNorm: mean, variance,
-  output; RMSNorm reads x twice, none once).
+- **CUDA code**: each csrc/*.cu compiled alone to a cubin with the flags above; its SASS was
+  identical, function by function ({same_so}), to that of the extension built by `.ci/build_cuda.sh`
+  (`setup.py build_ext`) for the same SM (last compared on {same_so_date}).
+  `modulate_regs_kernel<T,P,INDICATOR,PACKS,NORM,SCALE,SHIFT,BLOCKS>` holds the row in registers (up
+  to PACKS packs of 16 bytes per thread; every shape of the benchmarks takes it): one load per
+  input, the statistics from registers. It is specialized at compile time: NORM (0 none, 1 layer,
+  2 rms) is the only norm its code holds, and SCALE / SHIFT say whether it reads scale / shift at
+  all (no branch on their pointers); the launcher picks the instance, one per norm and parameter
+  set (without scale and shift only P = T exists). `modulate_rows_kernel` is the looped path for
+  wider rows; it keeps the norm and the parameters run-time choices (specializing it would
+  multiply its 10 instances by 12 for rows no benchmark has), so its code holds all three norms and
+  its "loads per row" takes the longest path (LayerNorm: mean, variance, output; RMSNorm reads x
+  twice, none once).
 
 - **regs, stack, spills**: CUDA from `ptxas -v` (`Used N registers`, `bytes stack frame`, spill
   stores/loads); Triton from `cuobjdump --dump-resource-usage` of the cubin (REG, STACK). **local B**:
@@ -1108,7 +1119,8 @@ def render(arch: int, facts: list[KernelFacts], meta: dict) -> str:
         f"- compile time: CUDA {meta['cuda']['compile_s']:.1f} s ({len(meta['cuda']['files'])} files), "
         f"Triton {meta['triton']['compile_s']:.1f} s ({meta['triton']['compiles']} compiles)",
         "",
-        METHOD.format(smem_kib=SM_LIMITS[arch]["smem"] // 1024),
+        METHOD.format(smem_kib=SM_LIMITS[arch]["smem"] // 1024, same_so=SO_SASS_MATCH[0],
+                      same_so_date=SO_SASS_MATCH[1]),
         "## Facts",
         "",
         FACTS_BEGIN,
