@@ -108,7 +108,7 @@ HOT v8f abs8(v8f v) { return (v8f)((v8u)v & 0x7fffffffu); }
  * lo = elements 0, 2, ..., 14 and hi = 1, 3, ..., 15: one 32-byte load, then a
  * shift or a mask gives each half as fp32 (no widening shuffles), and the rounded
  * halves pack back with one shift and or. fp32 and fp16 blocks are in order, lo =
- * 0-7, hi = 8-15. Sums keep 16 fp32 lanes in the block's layout, and combine()
+ * 0-7, hi = 8-15. Sums keep 16 fp32 lanes in the block's layout, and combine2()
  * adds them in element order, so lane j always sums the elements j, j + 16, ... */
 typedef struct { v8f lo, hi; } Block;
 
@@ -163,18 +163,22 @@ HOT void add_block(Lanes* acc, Block t, int dt, int64_t n) {
     acc->hi += t.hi;
 }
 
-/* The 16 lanes combined in double, in element order (lane 0 first) */
-HOT double combine(Lanes acc, int dt) {
-    float a[LANES], e[LANES];
-    memcpy(a, &acc.lo, sizeof acc.lo);
-    memcpy(a + 8, &acc.hi, sizeof acc.hi);
-    for (int k = 0; k < 8; k++) {
-        e[dt == DT_BF16 ? 2 * k : k] = a[k];
-        e[dt == DT_BF16 ? 2 * k + 1 : k + 8] = a[k + 8];
+/* Two sets of 16 lanes, each combined in double in element order (lane 0 first):
+ * two independent chains of adds, side by side */
+HOT void combine2(Lanes a, Lanes b, int dt, double* out) {
+    float fa[LANES], fb[LANES];
+    memcpy(fa, &a.lo, sizeof a.lo);
+    memcpy(fa + 8, &a.hi, sizeof a.hi);
+    memcpy(fb, &b.lo, sizeof b.lo);
+    memcpy(fb + 8, &b.hi, sizeof b.hi);
+    double sa = 0.0, sb = 0.0;
+    for (int j = 0; j < LANES; j++) {
+        const int k = dt == DT_BF16 ? (j & 1) * 8 + j / 2 : j;   /* lane of element j */
+        sa += fa[k];
+        sb += fb[k];
     }
-    double s = 0.0;
-    for (int j = 0; j < LANES; j++) s += e[j];
-    return s;
+    out[0] = sa;
+    out[1] = sb;
 }
 
 HOT Block babs(Block b) { const Block r = {abs8(b.lo), abs8(b.hi)}; return r; }
@@ -195,12 +199,12 @@ HOT void put_tail(void* p, int dt, int64_t i, int64_t n, const Tail* t) {
 
 /* ------------------------------------------------------------------ row statistics */
 
-HOT double sum_of(const void* x, int dt, int64_t C) {
+HOT Lanes sum_lanes(const void* x, int dt, int64_t C) {
     Lanes acc = {{0}, {0}};
     int64_t c = 0;
     for (; c + LANES <= C; c += LANES) add_block(&acc, load_block(x, dt, c), dt, LANES);
     if (c < C) { Tail t; add_block(&acc, load_block(tail_of(&t, x, dt, c, C - c), dt, 0), dt, C - c); }
-    return combine(acc, dt);
+    return acc;
 }
 
 HOT Block squares_off(Block v, float mean) {
@@ -208,7 +212,7 @@ HOT Block squares_off(Block v, float mean) {
     return sq;
 }
 
-HOT double sum_of_squares(const void* x, int dt, int64_t C, float mean) {
+HOT Lanes square_lanes(const void* x, int dt, int64_t C, float mean) {
     Lanes acc = {{0}, {0}};
     int64_t c = 0;
     for (; c + LANES <= C; c += LANES) add_block(&acc, squares_off(load_block(x, dt, c), mean), dt, LANES);
@@ -216,7 +220,7 @@ HOT double sum_of_squares(const void* x, int dt, int64_t C, float mean) {
         Tail t;
         add_block(&acc, squares_off(load_block(tail_of(&t, x, dt, c, C - c), dt, 0), mean), dt, C - c);
     }
-    return combine(acc, dt);
+    return acc;
 }
 
 /* rstd of a row; NaN when the statistics are not finite (the decision then computes) */
@@ -243,18 +247,31 @@ typedef struct {
  * would turn -0 into +0). */
 typedef struct { const void* x; const float *s, *t; float mu, r; } Row;
 
-HOT Row row_of(const Rows* a, int dt, int64_t row) {
-    const int64_t C = a->C, b = row / a->R;
-    Row m = {(const unsigned char*)a->x + row * C * itemsize(dt), NULL, NULL, 0.0f, 1.0f};
-    if (a->norm == NORM_LAYER) {
-        m.mu = (float)(sum_of(m.x, dt, C) / (double)C);
-        m.r = checked_rstd((float)(sum_of_squares(m.x, dt, C, m.mu) / (double)C), a->eps);
-    } else if (a->norm == NORM_RMS) {
-        m.r = checked_rstd((float)(sum_of_squares(m.x, dt, C, 0.0f) / (double)C), a->eps);
-    }
+HOT Row row_base(const Rows* a, int dt, int64_t row) {
+    const int64_t b = row / a->R;
+    Row m = {(const unsigned char*)a->x + row * a->C * itemsize(dt), NULL, NULL, 0.0f, 1.0f};
     if (a->scale1p) m.s = a->scale1p + (a->scale_b > 1 ? b : 0) * a->C16;
     if (a->shift) m.t = a->shift + (a->shift_b > 1 ? b : 0) * a->C16;
     return m;
+}
+
+/* m[0:n] <- rows row, ..., row + n - 1 (n = 1 or 2) with their statistics: two rows
+ * side by side, so that each waits on its sums while the other's are added */
+HOT void rows_of(const Rows* a, int dt, int64_t row, int n, Row* m) {
+    const int64_t C = a->C;
+    const int last = n - 1;
+    m[0] = row_base(a, dt, row);
+    m[last] = row_base(a, dt, row + last);
+    if (a->norm == NORM_NONE) return;
+    double s[2];
+    if (a->norm == NORM_LAYER) {
+        combine2(sum_lanes(m[0].x, dt, C), sum_lanes(m[last].x, dt, C), dt, s);
+        m[0].mu = (float)(s[0] / (double)C);
+        m[last].mu = (float)(s[1] / (double)C);
+    }
+    combine2(square_lanes(m[0].x, dt, C, m[0].mu), square_lanes(m[last].x, dt, C, m[last].mu), dt, s);
+    m[0].r = checked_rstd((float)(s[0] / (double)C), a->eps);
+    m[last].r = checked_rstd((float)(s[1] / (double)C), a->eps);
 }
 
 /* m of the block at c, its x read from x (the row, or a tail copy at c = 0) */
@@ -270,14 +287,13 @@ HOT Block mod_block(const Row* m, const void* x, int dt, int64_t xc, int64_t c) 
 /* ------------------------------------------------------------------ whole rows */
 
 /* out[0:C] <- m rounded to dtype dt */
-HOT void modulate_row(const Rows* a, int dt, int64_t row, void* out) {
+HOT void modulate_row(const Rows* a, int dt, const Row* m, void* out) {
     const int64_t C = a->C;
-    const Row m = row_of(a, dt, row);
     int64_t c = 0;
-    for (; c + LANES <= C; c += LANES) store_block(out, dt, c, mod_block(&m, m.x, dt, c, c));
+    for (; c + LANES <= C; c += LANES) store_block(out, dt, c, mod_block(m, m->x, dt, c, c));
     if (c < C) {
         Tail tx, o;
-        store_block(o.b, dt, 0, mod_block(&m, tail_of(&tx, m.x, dt, c, C - c), dt, 0, c));
+        store_block(o.b, dt, 0, mod_block(m, tail_of(&tx, m->x, dt, c, C - c), dt, 0, c));
         put_tail(out, dt, c, C - c, &o);
     }
 }
@@ -290,20 +306,18 @@ HOT void compare_block(Block v, void* prev, int dt, int64_t c, int64_t n, Lanes*
 }
 
 /* out = [sum |stored - prev|, sum |prev|] of a row; prev[0:C] <- m rounded to dtype dt */
-HOT void compare_row(const Rows* a, int dt, int64_t row, void* prev, double* out) {
+HOT void compare_row(const Rows* a, int dt, const Row* m, void* prev, double* out) {
     const int64_t C = a->C;
-    const Row m = row_of(a, dt, row);
     Lanes d = {{0}, {0}}, p = {{0}, {0}};
     int64_t c = 0;
-    for (; c + LANES <= C; c += LANES) compare_block(mod_block(&m, m.x, dt, c, c), prev, dt, c, LANES, &d, &p);
+    for (; c + LANES <= C; c += LANES) compare_block(mod_block(m, m->x, dt, c, c), prev, dt, c, LANES, &d, &p);
     if (c < C) {
         Tail tx, q;
-        const Block v = mod_block(&m, tail_of(&tx, m.x, dt, c, C - c), dt, 0, c);
+        const Block v = mod_block(m, tail_of(&tx, m->x, dt, c, C - c), dt, 0, c);
         compare_block(v, (void*)tail_of(&q, prev, dt, c, C - c), dt, 0, C - c, &d, &p);
         put_tail(prev, dt, c, C - c, &q);
     }
-    out[0] = combine(d, dt);
-    out[1] = combine(p, dt);
+    combine2(d, p, dt, out);
 }
 
 HOT void diff_block(const void* cur, const void* prev, int dt, int64_t c, int64_t n, Lanes* d, Lanes* p) {
@@ -321,8 +335,7 @@ HOT void diff_sums(const void* cur, const void* prev, int dt, int64_t n, double*
         Tail tc, tp;
         diff_block(tail_of(&tc, cur, dt, c, n - c), tail_of(&tp, prev, dt, c, n - c), dt, 0, n - c, &d, &p);
     }
-    out[0] = combine(d, dt);
-    out[1] = combine(p, dt);
+    combine2(d, p, dt, out);
 }
 
 /* ------------------------------------------------------------------ the modulation rows */
@@ -405,8 +418,13 @@ typedef struct { Rows a; void* dst; double* sums; } Job;
 ENTRY static int modulate_range(const void* ctx, int64_t lo, int64_t hi) {
     const Job* j = (const Job*)ctx;
 #define MODULATE_ROWS(DT) \
-    for (int64_t row = lo; row < hi; row++) \
-        modulate_row(&j->a, DT, row, (unsigned char*)j->dst + row * j->a.C * itemsize(DT))
+    for (int64_t row = lo; row < hi; row += 2) { \
+        Row m[2]; \
+        const int n = hi - row > 1 ? 2 : 1; \
+        rows_of(&j->a, DT, row, n, m); \
+        for (int k = 0; k < n; k++) \
+            modulate_row(&j->a, DT, &m[k], (unsigned char*)j->dst + (row + k) * j->a.C * itemsize(DT)); \
+    }
     BY_DTYPE(j->a.dt, MODULATE_ROWS);
     return 0;
 }
@@ -415,8 +433,14 @@ ENTRY static int modulate_range(const void* ctx, int64_t lo, int64_t hi) {
 ENTRY static int indicator_range(const void* ctx, int64_t lo, int64_t hi) {
     const Job* j = (const Job*)ctx;
 #define COMPARE_ROWS(DT) \
-    for (int64_t row = lo; row < hi; row++) \
-        compare_row(&j->a, DT, row, (unsigned char*)j->dst + row * j->a.C * itemsize(DT), j->sums + 2 * row)
+    for (int64_t row = lo; row < hi; row += 2) { \
+        Row m[2]; \
+        const int n = hi - row > 1 ? 2 : 1; \
+        rows_of(&j->a, DT, row, n, m); \
+        for (int k = 0; k < n; k++) \
+            compare_row(&j->a, DT, &m[k], (unsigned char*)j->dst + (row + k) * j->a.C * itemsize(DT), \
+                        j->sums + 2 * (row + k)); \
+    }
     BY_DTYPE(j->a.dt, COMPARE_ROWS);
     return 0;
 }
