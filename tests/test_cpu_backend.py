@@ -3,6 +3,9 @@ shared op tests of test_ops.py (which run it against torch and float64 on every
 dtype and odd shape): its dtype rounding is torch's bit for bit, its sums do
 not depend on the thread count, and without a compiler CPU tensors fall back
 to the torch backend with the reason given."""
+import math
+import struct
+
 import pytest
 import torch
 
@@ -80,6 +83,105 @@ def test_bits_do_not_depend_on_the_thread_count():
     for got in results[1:]:
         for a, b in zip(got, results[0]):
             assert torch.equal(a, b)
+
+
+def _f32(a: float) -> float:
+    return struct.unpack("f", struct.pack("f", a))[0]
+
+
+def _lane_sums(terms: torch.Tensor) -> torch.Tensor:
+    """The kernels' documented order, written out: 16 fp32 lanes per row (lane j adds
+    elements j, j + 16, ... one at a time), then the lanes added in double, lane 0 first."""
+    rows, n = terms.shape
+    acc = torch.zeros(rows, 16, dtype=torch.float32)
+    for c in range(0, n, 16):
+        k = min(16, n - c)
+        acc[:, :k] = acc[:, :k] + terms[:, c:c + k]
+    total = torch.zeros(rows, dtype=torch.float64)
+    for j in range(16):
+        total = total + acc[:, j].double()
+    return total
+
+
+# A row start whose double lane sum lands on an fp32 tie only in lane order 0, 1, ..., 15:
+# 2^-24 + 1 is exact, then each 2^-53 is lost (ties to even), 1 + 2^-24 rounds to 1.0f;
+# added in any other order (reversed, pairwise, bf16 evens then odds) some 2^-53 meet
+# before the 1 and the sum rounds up to 1 + 2^-23
+_TIE = torch.tensor([2.0 ** -24, 1.0] + [2.0 ** -53] * 14)
+
+
+def _indicator_in_order(x, scale, shift, prev, eps):
+    """modulated_rel_l1_ (layer norm, per sample) and the new prev, op by op in fp32."""
+    B, R, C = x.shape
+    v = x.float().reshape(B * R, C)
+    mu = (_lane_sums(v) / C).float()[:, None]
+    var = (_lane_sums((v - mu) * (v - mu)) / C).float()
+    # 1 / sqrt(var + eps), each op correctly rounded to fp32 (done in double, which
+    # rounds the same for +, / and sqrt; torch's vector sqrt is not always exact)
+    r = torch.tensor([_f32(1.0 / _f32(math.sqrt(_f32(w + _f32(eps))))) for w in var.tolist()])[:, None]
+    s1p = (1.0 + scale.float()).repeat_interleave(R, 0)
+    m = ((v - mu) * r) * s1p + shift.float().repeat_interleave(R, 0)
+    stored = m.to(x.dtype)
+    q = prev.float().reshape(B * R, C)
+    d, p = _lane_sums((stored.float() - q).abs()), _lane_sums(q.abs())
+    per_sample = torch.stack([d.view(B, R), p.view(B, R)], -1)
+    sums = torch.zeros(B, 2, dtype=torch.float64)
+    for row in range(R):                      # rows added in double in row order
+        sums = sums + per_sample[:, row]
+    return sums.float(), stored.view(B, R, C)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C", [3072, 1000])
+def test_bits_are_the_documented_summation_order(dtype, C):
+    # values over many binades, so any other order of the fp32 lane sums (pairwise,
+    # other lane count, lanes in another order, fp32 row sums) changes the low bits
+    g = torch.Generator().manual_seed(5)
+    B, R = 2, 40
+    wide = lambda *shape: torch.randn(*shape, generator=g) * torch.exp(2 * torch.randn(*shape, generator=g))
+    x = (wide(B, R, C) + 3).to(dtype)
+    scale, shift = (0.1 * torch.randn(B, C, generator=g)).to(dtype), wide(B, C).clamp(-100, 100).to(dtype)
+    prev0 = wide(B, R, C).clamp(-1000, 1000).to(dtype)
+    want, want_prev = _indicator_in_order(x, scale, shift, prev0, 1e-6)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            prev = prev0.clone()
+            got = cpu.modulated_rel_l1_(x, scale, shift, prev, "layer", 1e-6, True)
+            assert torch.equal(got, want), (n, got, want)
+            assert torch.equal(prev, want_prev)
+            assert torch.equal(cpu.modulate(x, scale, shift, "layer", 1e-6), want_prev)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_rel_l1_partials_bits_are_the_documented_order():
+    # chunks of 4096 elements: 16 fp32 lanes each, combined in double, chunks added in order
+    g = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        cur = (torch.randn(2, 9000, generator=g) * torch.exp(2 * torch.randn(2, 9000, generator=g))).to(dtype)
+        prev = (torch.randn(2, 9000, generator=g) * 10).to(dtype)
+        want = torch.zeros(2, 2, dtype=torch.float64)
+        for start in range(0, 9000, 4096):
+            c, q = cur[:, start:start + 4096].float(), prev[:, start:start + 4096].float()
+            want = want + torch.stack([_lane_sums((c - q).abs()), _lane_sums(q.abs())], -1)
+        assert torch.equal(cpu.rel_l1_partials(cur, prev, True), want.float()), dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # (2^-53 is 0 in fp16)
+def test_lanes_are_added_in_element_order(dtype):
+    # the random rows above rarely reach a tie; these rows sit on one in every sum
+    tie = _TIE.to(dtype)
+    zeros = torch.zeros(1, 1, 16, dtype=dtype)
+    assert cpu.rel_l1_partials(zeros.view(1, 16), tie.view(1, 16), False).tolist() == [1.0, 1.0]
+    prev = tie.view(1, 1, 16).clone()
+    assert cpu.modulated_rel_l1_(zeros, None, None, prev, "none", 1e-6, False).tolist() == [1.0, 1.0]
+    # the row mean: 16 x the tie row sums to 16 (1 + 2^-24), its mean rounds to 1.0f
+    x = (16 * tie).view(1, 1, 16)
+    prev = torch.zeros_like(x)
+    _, want = _indicator_in_order(x, torch.zeros(1, 16), torch.zeros(1, 16), prev, 1e-6)
+    assert torch.equal(cpu.modulate(x, None, None, "layer", 1e-6), want)
 
 
 def test_agrees_with_the_torch_backend_on_a_flux_sized_row():
