@@ -50,6 +50,11 @@ def test_bench_ops_compile_rows_and_eager_chain_matches_op():
                                    max_seconds=0.01, log=lambda *_: None)
     assert [r["impl"] for r in rows] == bench_ops.backends_for_device("cpu") + ["eager", "compile"]
     assert all(r["speedup_vs_compile"] is not None for r in rows)
+    launches = {r["impl"]: r["launches"] for r in rows}
+    # the eager chain: layer_norm, modulate, sub, abs, mean, mean, div ...; the fused op fewer
+    assert launches["eager"] >= 7 and launches["compile"] >= 1
+    if "cpu" in launches:
+        assert launches["cpu"] == 1   # one native kernel call
     # The timed eager chain and the op compute the same indicator from the same prev.
     impls = op_cases._indicator_case((1, 8, 40), torch.float32, "cpu", ["torch"])
     eager_first = impls["eager"]()   # its own random prev

@@ -5,7 +5,8 @@ For each op, size and dtype it times each backend that runs on the device
 reference TeaCache scripts run, and ``torch.compile`` of that eager code. Each
 row reports the median and p20/p80 time, GB/s from the op's minimal bytes, the
 fraction of the copy bandwidth measured on the same device in the same run
-(a copy moving the same bytes), and the speedups vs eager and vs compile.
+(a copy moving the same bytes), the speedups vs eager and vs compile, and the
+launches of one call (:mod:`teacache_fast.cli.launches`).
 
 Timing: on CUDA ``triton.testing.do_bench`` (it flushes L2 before every call,
 so each call reads its inputs from HBM); on CPU ``torch.utils.benchmark``.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List
 
+from .launches import count_launches, enable_compiled_kernel_events
 from .machine import device_name, device_slug, environment_lines
 from .op_cases import ARRAY_CASES, _decide_case, _torch_dtype
 
@@ -138,6 +140,8 @@ def run_benchmark(sizes, dtypes, ops, device: str, repeats: int, max_seconds: fl
     import torch
 
     timer = time_cuda if device.startswith("cuda") else time_cpu
+    if not device.startswith("cuda"):
+        enable_compiled_kernel_events()  # before anything compiles: the launches column counts them
     # Each (size, dtype) is a new specialisation of the same compiled code objects.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     backends = backends_for_device(device)
@@ -149,6 +153,7 @@ def run_benchmark(sizes, dtypes, ops, device: str, repeats: int, max_seconds: fl
         if nbytes:  # a copy of the same bytes, timed alongside: the ceiling to compare with
             impls["copy"] = _copy_fn(nbytes, _torch_dtype(dtype_name), device)
         results = timer(impls, repeats, max_seconds)
+        launches = {name: count_launches(fn, device) for name, fn in impls.items() if name != "copy"}
         copy = results.pop("copy", None)
         copy_gbps = nbytes / copy.median_ms / 1e6 if copy else None
         for impl, t in results.items():
@@ -162,6 +167,7 @@ def run_benchmark(sizes, dtypes, ops, device: str, repeats: int, max_seconds: fl
                 "speedup_vs_eager": results["eager"].median_ms / t.median_ms,
                 "speedup_vs_compile": (results["compile"].median_ms / t.median_ms
                                        if "compile" in results else None),
+                "launches": launches[impl],
             }
             rows.append(row)
             log(f"{op:<18} {size:<13} {dtype_name:<5} {impl:<8} {t.median_ms:10.3f} ms"
@@ -189,7 +195,8 @@ def run_benchmark(sizes, dtypes, ops, device: str, repeats: int, max_seconds: fl
 # --------------------------------------------------------------------------- writing
 
 CSV_COLUMNS = ["op", "impl", "size", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "samples",
-               "bytes", "gbps", "copy_gbps", "frac_copy", "speedup_vs_eager", "speedup_vs_compile"]
+               "bytes", "gbps", "copy_gbps", "frac_copy", "speedup_vs_eager", "speedup_vs_compile",
+               "launches"]
 
 
 def _fmt(v, spec: str, none: str = "-") -> str:
@@ -197,14 +204,15 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 
 
 def markdown_table(rows: List[dict]) -> List[str]:
-    out = ["| op | size | dtype | impl | median ms | p20-p80 ms | GB/s | of copy BW | vs eager | vs compile |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| op | size | dtype | impl | median ms | p20-p80 ms | GB/s | of copy BW | vs eager | vs compile "
+           "| launches |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(
             f"| {r['op']} | {r['size']} | {r['dtype']} | {r['impl']} | {r['median_ms']:.3f} | "
             f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {_fmt(r['gbps'], '.1f')} | "
             f"{_fmt(r['frac_copy'], '.0%')} | {r['speedup_vs_eager']:.2f}x | "
-            f"{_fmt(r['speedup_vs_compile'], '.2f')}x |")
+            f"{_fmt(r['speedup_vs_compile'], '.2f')}x | {_fmt(r.get('launches'), 'd')} |")
     return out
 
 
@@ -233,7 +241,13 @@ def write_results(rows: List[dict], device: str, out_dir: Path, note: str = "") 
         "the same bytes timed in the same run. `eager` is the reference TeaCache scripts' torch "
         "code (for the indicator: layer_norm, modulate, sub, abs, mean, mean, div, `.item()`); "
         "`compile` is torch.compile of that code (the host read stays outside the graph). "
-        "Backend rows time the op alone: its partials stay on the device for the decision op.",
+        "Backend rows time the op alone: its partials stay on the device for the decision op. "
+        "`launches`: per call, counted from one call under the torch profiler "
+        + ("(the device operations it records: kernels, memsets, copies)."
+           if device.startswith("cuda") else
+           "(the kernels it runs: data-touching leaf aten ops, native cpu-backend kernel calls and "
+           "torch.compile's C++ kernels; views, allocations and scalar reads are none); see "
+           "teacache_fast/cli/launches.py."),
         "",
     ]
     if not device.startswith("cuda"):
