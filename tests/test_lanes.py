@@ -83,12 +83,19 @@ def test_indicator_lane_rechecks_on_any_change(counted):
     assert counted["modulated_rel_l1_"] == 8
 
 
-def test_an_armed_lane_still_rejects_bad_input():
+def _armed_lane():
+    """An indicator lane after one checked call, and that call's arguments."""
     lane = lanes.IndicatorLane()
     x, scale, shift = _indicator_inputs(1, 4, 8, torch.float32, lambda B, C: (B, C))
     prev = torch.zeros_like(x)
     with torch.no_grad():
         lane(x, scale, shift, prev, "layer", 1e-6, False)
+    return lane, x, scale, shift, prev
+
+
+def test_an_armed_lane_still_rejects_bad_input():
+    lane, x, scale, shift, prev = _armed_lane()
+    with torch.no_grad():
         with pytest.raises(TypeError, match="prev must have the dtype of x"):
             lane(x, scale, shift, prev.to(torch.bfloat16), "layer", 1e-6, False)
         with pytest.raises(ValueError, match="eps must be a finite number"):
@@ -101,11 +108,8 @@ def test_an_armed_lane_still_rejects_bad_input():
 
 
 def test_a_dispatch_mode_sees_the_registered_op():
-    lane = lanes.IndicatorLane()
-    x, scale, shift = _indicator_inputs(1, 4, 8, torch.float32, lambda B, C: (B, C))
-    prev = torch.zeros_like(x)
+    lane, x, scale, shift, prev = _armed_lane()
     with torch.no_grad():
-        lane(x, scale, shift, prev, "layer", 1e-6, False)
         with RecordOps() as mode:
             lane(x, scale, shift, prev, "layer", 1e-6, False)
     assert "teacache_fast.modulated_rel_l1_.default" in mode.names
