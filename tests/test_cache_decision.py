@@ -31,14 +31,14 @@ def _f32_rows(rows):
     return torch.tensor(rows, dtype=torch.float32).tolist()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("threshold,max_skips,coeffs", [
     (0.3, None, COEFFS), (0.0, None, COEFFS), (0.6, 2, COEFFS),
     (1e-3, None, [1.0, 0.0]), (0.2, 0, [-1.0, 0.5]), (0.1 + 1e-9, None, [1.0 / 3.0, 1e-7]),
 ])
 def test_host_decision_matches_the_decide_op_bitwise(backend, threshold, max_skips, coeffs):
-    if backend == "triton" and ops.unavailable_reason("triton", torch.device("cpu")):
-        pytest.skip(ops.unavailable_reason("triton", torch.device("cpu")))
+    if backend != "torch" and ops.unavailable_reason(backend, torch.device("cpu")):
+        pytest.skip(ops.unavailable_reason(backend, torch.device("cpu")))
     rng = random.Random(hash((threshold, max_skips, len(coeffs))) & 0xFFFF)
     rows = 3
     host = HostDecision(rows)
@@ -91,11 +91,11 @@ def test_abs_accumulation_adds_the_magnitude_where_the_polynomial_is_negative():
     assert not any(f[0] for f in flags_sum) and any(f[0] for f in flags_abs)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 @pytest.mark.parametrize("coeffs", [KONTEXT, [-1.0, 0.5]])
 def test_abs_host_decision_matches_the_decide_op_bitwise(backend, coeffs):
-    if backend == "triton" and ops.unavailable_reason("triton", torch.device("cpu")):
-        pytest.skip(ops.unavailable_reason("triton", torch.device("cpu")))
+    if backend != "torch" and ops.unavailable_reason(backend, torch.device("cpu")):
+        pytest.skip(ops.unavailable_reason(backend, torch.device("cpu")))
     rng = random.Random(len(coeffs))
     rows, host = 3, HostDecision(3)
     state = ops.new_decide_state((rows, 2))

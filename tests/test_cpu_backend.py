@@ -251,3 +251,55 @@ def test_the_source_compiles_warning_free(tmp_path, openmp):
            str(build.SOURCE), "-o", str(tmp_path / "k.so"), "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------- decide
+
+def _decide_inputs(S, seed):
+    g = torch.Generator().manual_seed(seed)
+    num = torch.rand(S, generator=g) * 0.3
+    den = torch.rand(S, generator=g) + 0.5
+    partials = torch.stack([num, den], dim=1)
+    state = torch.stack([torch.rand(S, generator=g) * 0.4, torch.randint(0, 4, (S,), generator=g).float()], 1)
+    # the edge cases every backend must agree on: a zero and a NaN denominator,
+    # an inf numerator, a corrupt (NaN, negative) skip counter
+    if S >= 6:
+        partials[0, 1] = 0.0
+        partials[1, 1] = float("nan")
+        partials[2, 0] = float("inf")
+        state[3, 1] = float("nan")
+        state[4, 1] = -1.0
+    return partials, state
+
+
+@pytest.mark.parametrize("S", [1, 7, 300])
+@pytest.mark.parametrize("threshold", [0.0, 0.15, 0.3])
+@pytest.mark.parametrize("max_skips", [-1, 0, 2])
+@pytest.mark.parametrize("accumulate_abs", [False, True])
+@pytest.mark.parametrize("force_kind", ["no", "all", "mask"])
+def test_native_decide_matches_the_torch_backend_bitwise(S, threshold, max_skips, accumulate_abs, force_kind):
+    coefficients = [4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01]
+    partials, state = _decide_inputs(S, seed=S)
+    if force_kind == "mask":
+        force = torch.arange(S) % 3 == 0
+    else:
+        force = force_kind == "all"
+    s_ref, s_cpu = state.clone(), state.clone()
+    for step in range(4):   # the state carries over: accumulation, skip counting, resets
+        want = reference.teacache_decide_(partials, s_ref, coefficients, threshold, force, max_skips,
+                                              accumulate_abs)
+        got = cpu.teacache_decide_(partials, s_cpu, coefficients, threshold, force, max_skips,
+                                   accumulate_abs)
+        assert torch.equal(got, want), step
+        assert torch.equal(s_cpu.view(torch.int32), s_ref.view(torch.int32)), step   # bits, NaN-safe
+        partials = partials * 1.1
+
+
+def test_native_decide_is_one_kernel_call_through_the_op():
+    partials, state = _decide_inputs(4, seed=0)
+    with ops.use_backend("cpu"):
+        flags = ops.teacache_decide_(partials, state, [1.0, 0.0], 0.5)
+    assert flags.dtype == torch.bool and flags.shape == (4,)
+    from teacache_fast.cli.launches import count_launches
+    with ops.use_backend("cpu"):
+        assert count_launches(lambda: ops.teacache_decide_(partials, state, [1.0, 0.0], 0.5), "cpu") == 1

@@ -1,11 +1,13 @@
 """Native CPU backend: the fused indicator ops in one pass over each row.
 
-``modulate``, ``rel_l1_partials`` and ``modulated_rel_l1_`` run the C kernels
-of ``backends/native/cpu_kernels.c`` (compiled on first use, see
-``native/build.py``): each row is read once, normalized, modulated, rounded to
-the stored dtype and compared from a row-sized scratch, where the torch
-backend needs a dozen passes and as many op dispatches. The decision and the
-residual ops are one or two torch ops already and are the torch backend's.
+``modulate``, ``rel_l1_partials``, ``modulated_rel_l1_`` and ``teacache_decide_``
+run the C kernels of ``backends/native/cpu_kernels.c`` (compiled on first use,
+see ``native/build.py``): each row is read once, normalized, modulated,
+rounded to the stored dtype and compared in vector blocks, where the torch
+backend needs a dozen passes and as many op dispatches; the decision is one
+call where the torch backend runs about 40 small ops (its bits are the torch
+backend's). The residual ops are one torch op already and are the torch
+backend's.
 
 Arguments arrive checked and shaped by teacache_fast.ops (contiguous (B, R, C)
 rows; scale/shift contiguous (B or 1, C)). Results agree with the torch
@@ -14,6 +16,7 @@ not depend on the thread count), not bitwise.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
@@ -28,7 +31,6 @@ __all__ = ["modulate", "rel_l1_partials", "modulated_rel_l1_", "teacache_decide_
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _NORMS = {"layer": 0, "rms": 1, "none": 2}
 
-teacache_decide_ = _reference.teacache_decide_
 residual_capture_ = _reference.residual_capture_
 residual_apply_ = _reference.residual_apply_
 finish_span_ = _reference.finish_span_
@@ -90,3 +92,32 @@ def modulated_rel_l1_(x, scale, shift, prev, norm: str, eps: float, per_sample: 
          *_params(shift), prev.data_ptr(), B, R, C, _NORMS[norm], eps, int(per_sample), out.data_ptr(),
          torch.get_num_threads())
     return out
+
+
+# (the list, its fp32 ctypes array): a run uses one set; replaced as one
+# tuple, so a thread with another set never reads a half-updated pair
+_LAST_COEFFICIENTS = (None, None)
+
+
+def _fp32_coefficients(coefficients):
+    """The coefficients as a C float array (each rounded to fp32), made once per set."""
+    global _LAST_COEFFICIENTS
+    entry = _LAST_COEFFICIENTS
+    if entry[0] != coefficients:
+        entry = (list(coefficients), (ctypes.c_float * len(coefficients))(*coefficients))
+        _LAST_COEFFICIENTS = entry
+    return entry[1]
+
+
+def teacache_decide_(partials, state, coefficients, threshold: float, force, max_skips: int,
+                     accumulate_abs: bool = False) -> Tensor:
+    """One native call for S states (the torch backend's fp32 arithmetic, bit
+    for bit); force: (S,) bool flags, or a Python bool for every state."""
+    S = partials.shape[0]
+    coeffs = _fp32_coefficients(coefficients)
+    compute = torch.empty(S, dtype=torch.bool)
+    flags = force.data_ptr() if isinstance(force, Tensor) else None
+    _run("teacache_decide_", "tcf_cpu_decide", partials.data_ptr(), state.data_ptr(), S, coeffs,
+         len(coefficients), threshold, int(threshold <= 0.0), flags,
+         int(bool(force)) if flags is None else 0, max_skips, int(accumulate_abs), compute.data_ptr())
+    return compute

@@ -516,3 +516,33 @@ int tcf_cpu_rel_l1_partials(const void* cur, const void* prev, int dt, int64_t B
     free(j.sums);
     return failed;
 }
+
+/* teacache_decide_ for S states, the torch backend's arithmetic op for op in
+ * fp32: rel = num / den; Horner with fp32 coefficients (highest power first);
+ * acc + poly (or + |poly|); compute on force, an invalid ratio, a non-finite
+ * acc, acc >= threshold (fp32), never_skip (threshold <= 0, decided by the
+ * caller on the double), the skip limit (max_skips >= 0), or a corrupt skip
+ * counter (not finite or negative). A compute resets [acc, skips]; a skip
+ * stores acc and skips + 1. force: S flags, or NULL with force_all. */
+int tcf_cpu_decide(const float* partials, float* state, int64_t S, const float* coeffs, int ncoeffs,
+                   float threshold, int never_skip, const unsigned char* force, int force_all,
+                   int64_t max_skips, int accumulate_abs, unsigned char* compute_out) {
+    for (int64_t i = 0; i < S; i++) {
+        const float num = partials[2 * i], den = partials[2 * i + 1];
+        const float acc = state[2 * i], skips = state[2 * i + 1];
+        const float rel = num / den;
+        const int valid = isfinite(num) && isfinite(den) && den != 0.0f && isfinite(rel);
+        const float r = valid ? rel : 0.0f;
+        float poly = 0.0f;
+        for (int k = 0; k < ncoeffs; k++) poly = poly * r + coeffs[k];
+        const float new_acc = acc + (accumulate_abs ? fabsf(poly) : poly);
+        int compute = (force ? force[i] != 0 : force_all) || !valid || !isfinite(new_acc)
+                      || new_acc >= threshold || never_skip
+                      || (max_skips >= 0 && skips >= (float)max_skips)
+                      || !(isfinite(skips) && skips >= 0.0f);
+        state[2 * i] = compute ? 0.0f : new_acc;
+        state[2 * i + 1] = compute ? 0.0f : skips + 1.0f;
+        compute_out[i] = (unsigned char)compute;
+    }
+    return 0;
+}
