@@ -20,16 +20,20 @@ from .backends import backend_for, get_backend
 _profiling = torch._C._autograd._profiler_enabled
 
 
+def _untraced() -> bool:
+    """Nothing traces or intercepts op calls now (no Dynamo, no dispatch mode
+    such as make_fx or FakeTensor, no profiler): the rule for calling an
+    implementation without torch.library dispatch (ops, and teacache_fast.lanes)."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or _profiling())
+
+
 def _dispatch(impl, op, ref: Tensor):
     """What runs a checked call: the implementation itself in eager mode (the
     arguments are checked already; torch.library dispatch would add 25-130 us
-    per call), the registered op when anything traces or intercepts (Dynamo,
-    a dispatch mode such as make_fx or FakeTensor, a tensor subclass), so
-    torch.compile sees one node per op."""
-    if type(ref) is Tensor and not torch.compiler.is_compiling() \
-            and not torch._C._len_torch_dispatch_stack() and not _profiling():
-        return impl
-    return op  # also under the profiler: it records the op by its registered name
+    per call), the registered op when anything traces or intercepts (or ref
+    is a tensor subclass), so torch.compile sees one node per op; under the
+    profiler the op is recorded by its registered name."""
+    return impl if type(ref) is Tensor and _untraced() else op
 
 
 def _backend(t: Tensor):
@@ -46,14 +50,15 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-def _write_back(dst: Tensor, fn) -> None:
-    """Run ``fn(buf)`` on a contiguous view of dst; copy back when dst was strided."""
+def _write_back(dst: Tensor, fn):
+    """``fn(buf)`` on a contiguous view of dst, copied back when dst was
+    strided; returns what fn returned."""
     if dst.is_contiguous():
-        fn(dst)
-    else:
-        buf = dst.contiguous()
-        fn(buf)
-        dst.copy_(buf)
+        return fn(dst)
+    buf = dst.contiguous()
+    result = fn(buf)
+    dst.copy_(buf)
+    return result
 
 
 # --------------------------------------------------------------------------- modulate
@@ -101,17 +106,8 @@ def _modulated_rel_l1_impl(x: Tensor, scale: Optional[Tensor], shift: Optional[T
     x3 = _as_rows3(x)
     be = _backend(x)
     scale, shift = _contig(scale), _contig(shift)
-    if prev.is_contiguous():  # the common case: no copy back
-        p3 = prev if prev.shape == x3.shape else prev.view(x3.shape)
-        return be.modulated_rel_l1_(x3, scale, shift, p3, norm, eps, per_sample)
-    result = []
-
-    def run(buf: Tensor) -> None:
-        result.append(be.modulated_rel_l1_(x3, scale, shift, buf.view(x3.shape), norm, eps,
-                                           per_sample))
-
-    _write_back(prev, run)
-    return result[0]
+    return _write_back(prev, lambda buf: be.modulated_rel_l1_(x3, scale, shift, buf.view(x3.shape), norm,
+                                                              eps, per_sample))
 
 
 _modulated_rel_l1 = torch.library.custom_op("teacache_fast::modulated_rel_l1_", _modulated_rel_l1_impl,
@@ -134,17 +130,9 @@ def _decide_impl(partials: Tensor, state: Tensor, coefficients: List[float], thr
     p2 = partials.reshape(-1, 2).contiguous()
     f1 = bool(force_all) if force is None else force.reshape(-1).contiguous()
     be = _backend(partials)
-    if state.is_contiguous():  # the common case: no copy back (one state is ~10 us in all)
-        return be.teacache_decide_(p2, state.view(-1, 2), coefficients, threshold, f1,
-                                   max_consecutive_skips, accumulate_abs).view(lead)
-    result = []
-
-    def run(buf: Tensor) -> None:
-        result.append(be.teacache_decide_(p2, buf.view(-1, 2), coefficients, threshold, f1,
-                                          max_consecutive_skips, accumulate_abs))
-
-    _write_back(state, run)
-    return result[0].view(lead)
+    flags = _write_back(state, lambda buf: be.teacache_decide_(p2, buf.view(-1, 2), coefficients, threshold,
+                                                               f1, max_consecutive_skips, accumulate_abs))
+    return flags.view(lead)
 
 
 _decide = torch.library.custom_op("teacache_fast::teacache_decide_", _decide_impl,

@@ -23,16 +23,16 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._registered import _profiling
+from ._registered import _untraced
 from .backends import backend_for, get_backend, requested_backend
 
 __all__ = ["IndicatorLane", "EmbeddingLane", "CaptureLane", "ApplyLane"]
 
 
 def _direct() -> bool:
-    """Whether an eager op call may skip torch.library dispatch (ops._dispatch's rule) and grad checks."""
-    return not (torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch._C._len_torch_dispatch_stack() or _profiling())
+    """Whether a call may skip the checks and torch.library dispatch: ops'
+    rule for a direct call, with grad mode off (the grad checks then hold)."""
+    return not torch.is_grad_enabled() and _untraced()
 
 
 def _sig(t: Optional[Tensor]) -> Optional[Tuple]:

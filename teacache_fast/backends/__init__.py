@@ -96,17 +96,15 @@ def unavailable_reason(name: str, device: _torch.device | str) -> str | None:
 # mapping's own dict instead (os.environ keeps it in step with every change
 # made through os.environ), with the plain lookup where it has none.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
-try:
+if isinstance(_ENVIRON_DATA, dict) and hasattr(os.environ, "encodekey"):
     _ENV_KEY = os.environ.encodekey(_ENV)
-except AttributeError:
-    _ENV_KEY = None
 
-
-def _env_value():
-    if isinstance(_ENVIRON_DATA, dict) and _ENV_KEY is not None:
+    def _env_value():
         raw = _ENVIRON_DATA.get(_ENV_KEY)
         return None if raw is None else os.environ.decodevalue(raw)
-    return os.environ.get(_ENV)
+else:
+    def _env_value():
+        return os.environ.get(_ENV)
 
 
 def requested_backend() -> str:
