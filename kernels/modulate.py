@@ -10,8 +10,9 @@
                        and written into prev in one pass: read x, read prev,
                        write prev (3 x numel x itemsize); no m temporary. Each
                        program emits fp32 partials ``[sum|m - prev|, sum|prev|]``
-                       at its program id; adding them (in a fixed order) is the
-                       caller's second stage (see rel_l1.sum_partials).
+                       at its program id; the last program adds them in a fixed
+                       order (``finish``: one launch, rel_l1.finish_in_last_program),
+                       or the caller does (rel_l1.sum_partials).
 
 Two paths, chosen by the launcher (constexpr SINGLE):
 - the row in registers (rows of up to a few thousand channels): two tiles of
@@ -34,11 +35,16 @@ so the same input and config give the same bits.
 
 Grid: (B, ceil(R / rows_per_program)); a program never straddles two samples,
 so per-sample partials are sums over axis 1 of the (B, programs, 2) output.
-Self-contained (triton + torch only) so it can be copied into other projects.
+Self-contained with rel_l1.py (triton + torch only) so the two can be copied
+into other projects.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+
+from .rel_l1 import Finish, finish_args, finish_in_last_program
 
 NORM_CODES = {"none": 0, "layer": 1, "rms": 2}
 
@@ -215,10 +221,11 @@ def _rel_l1_row_blocked(x_row, prev_row, scale_row, shift_row, C, eps, acc_diff,
 
 
 @triton.jit
-def _modulated_rel_l1_kernel(x_ptr, scale_ptr, shift_ptr, prev_ptr, part_ptr, R, C,
-                             scale_bstride, shift_bstride, eps, rows_per_program,
+def _modulated_rel_l1_kernel(x_ptr, scale_ptr, shift_ptr, prev_ptr, part_ptr, out_ptr, ticket_ptr, R, C,
+                             scale_bstride, shift_bstride, eps, rows_per_program, outputs, per_output,
                              NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                             BLOCK_C: tl.constexpr, SINGLE: tl.constexpr, TAIL: tl.constexpr):
+                             BLOCK_C: tl.constexpr, SINGLE: tl.constexpr, TAIL: tl.constexpr,
+                             FUSED: tl.constexpr, FIN_BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     first = pid.to(tl.int64) * rows_per_program
@@ -275,6 +282,8 @@ def _modulated_rel_l1_kernel(x_ptr, scale_ptr, shift_ptr, prev_ptr, part_ptr, R,
     out = part_ptr + (b * tl.num_programs(1) + pid) * 2
     tl.store(out, sum_diff)
     tl.store(out + 1, sum_prev)
+    if FUSED:
+        finish_in_last_program(part_ptr, out_ptr, ticket_ptr, outputs, per_output, FIN_BLOCK)
 
 
 def _params(x, scale, shift):
@@ -313,8 +322,9 @@ def modulate(x, scale, shift, out, norm, eps, *, block_c, tail, rows_per_program
 
 
 def modulated_rel_l1_(x, scale, shift, prev, norm, eps, *, block_c, tail, rows_per_program,
-                      num_warps):
-    """prev <- modulate(x, ...) in one pass; return fp32 per-program partials (B, P, 2).
+                      num_warps, finish: Optional[Finish] = None):
+    """prev <- modulate(x, ...) in one pass; return fp32 per-program partials (B, P, 2),
+    or with ``finish`` their (B, 2) / (1, 2) sums from the same launch.
 
     ``partials[b, j] = [sum|m - prev|, sum|prev|]`` over the rows of program j of
     sample b, with m rounded to prev's dtype. Sum over P (fixed order) per
@@ -323,9 +333,11 @@ def modulated_rel_l1_(x, scale, shift, prev, norm, eps, *, block_c, tail, rows_p
     B, R, C = x.shape
     programs = triton.cdiv(R, rows_per_program)
     partials = torch.empty((B, programs, 2), dtype=torch.float32, device=x.device)
+    out, ticket, outputs, per_output, fused, fin_block = finish_args(partials, finish)
     s, t, s_stride, t_stride = _params(x, scale, shift)
     _modulated_rel_l1_kernel[(B, programs)](
-        x, s, t, prev, partials, R, C, s_stride, t_stride, eps, rows_per_program,
-        NORM=NORM_CODES[norm], HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        **_tiles(C, block_c, tail), num_warps=num_warps, enable_fp_fusion=False)
-    return partials
+        x, s, t, prev, partials, out, ticket, R, C, s_stride, t_stride, eps, rows_per_program,
+        outputs, per_output, NORM=NORM_CODES[norm], HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None, **_tiles(C, block_c, tail), FUSED=fused, FIN_BLOCK=fin_block,
+        num_warps=num_warps, enable_fp_fusion=False)
+    return out

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""TeaCache residual: capture ``out - inp`` and apply ``hidden += residual``.
+"""TeaCache residual: capture ``out - inp``, apply ``hidden += residual``, end a sync-free span.
 
 ``residual_capture_``: residual = out - inp over L elements, fp32 arithmetic,
                        rounded once to residual's dtype (which may differ from
@@ -13,6 +13,11 @@
                        out = hidden + residual, hidden unchanged (masked-out
                        samples copied); the same 3 passes instead of the 5 of
                        a clone then an in-place add.
+``finish_span_``:      the sync-free span end, chosen per launch by a device
+                       flag (one byte, read on the device): set, residual =
+                       out - inp (read out, inp; write residual); clear, out +=
+                       residual (read out, residual; write out). 3 passes
+                       either way, one launch, no host read.
 
 Elementwise, so there is no reduction order to fix. Each program handles
 ``tiles_per_program`` tiles of BLOCK elements of one sample.
@@ -74,6 +79,26 @@ def _residual_apply_kernel(hidden_ptr, res_ptr, mask_ptr, out_ptr, L, tiles_per_
         tl.store(out_ptr + b * L + offs, _round_to(v, out_ptr.dtype.element_ty), mask=live)
 
 
+@triton.jit
+def _span_end_kernel(out_ptr, inp_ptr, res_ptr, compute_ptr, L, tiles_per_program, BLOCK: tl.constexpr):
+    first = tl.program_id(0).to(tl.int64) * tiles_per_program * BLOCK
+    lanes = tl.arange(0, BLOCK)
+    # The flag picks which range is empty: capture [0, L) and apply none, or
+    # the reverse (any nonzero byte of the bool is True, as in residual_apply_).
+    capture_end = L * (tl.load(compute_ptr) != 0).to(tl.int64)
+    apply_end = L - capture_end
+    for t in range(0, tiles_per_program):
+        offs = first + t * BLOCK + lanes
+        live = offs < L
+        capture = offs < capture_end
+        apply = offs < apply_end
+        o = tl.load(out_ptr + offs, mask=live, other=0.0).to(tl.float32)
+        i = tl.load(inp_ptr + offs, mask=capture, other=0.0).to(tl.float32)
+        r = tl.load(res_ptr + offs, mask=apply, other=0.0).to(tl.float32)
+        tl.store(res_ptr + offs, _round_to(o - i, res_ptr.dtype.element_ty), mask=capture)
+        tl.store(out_ptr + offs, _round_to(o + r, out_ptr.dtype.element_ty), mask=apply)
+
+
 def residual_capture_(out, inp, residual, *, block, tiles_per_program, num_warps):
     """residual <- out - inp for contiguous 1-D tensors of equal length."""
     L = out.numel()
@@ -94,3 +119,15 @@ def residual_apply_(hidden, residual, mask, *, block, tiles_per_program, num_war
                                  hidden if out is None else out, L, tiles_per_program,
                                  HAS_MASK=mask is not None, IN_PLACE=out is None, BLOCK=block,
                                  num_warps=num_warps)
+
+
+def finish_span_(compute, out, inp, residual, *, block, tiles_per_program, num_warps):
+    """compute (0-d bool): residual <- out - inp; else out += residual.
+
+    out, inp, residual: contiguous 1-D tensors of equal length (residual may
+    have another float dtype); compute on their device.
+    """
+    L = out.numel()
+    grid = (triton.cdiv(triton.cdiv(L, block), tiles_per_program),)
+    _span_end_kernel[grid](out, inp, residual, compute.view(torch.uint8), L, tiles_per_program,
+                           BLOCK=block, num_warps=num_warps)

@@ -78,7 +78,7 @@ for _kernel in ("modulate_rows_kernel<%s>" % v for v in (
 # Kernels whose work is a row / an elementwise range (the bandwidth-bound ones).
 ROW_KERNELS = re.compile(r"^(modulate_rows_kernel|modulate_regs_kernel|rel_l1_kernel|capture_kernel|apply_kernel|span_end_kernel|"
                          r"_modulate_kernel|_modulated_rel_l1_kernel|_rel_l1_partials_kernel|"
-                         r"_residual_capture_kernel|_residual_apply_kernel)\b")
+                         r"_residual_capture_kernel|_residual_apply_kernel|_span_end_kernel)\b")
 # The input that holds the row (read once per row is the promise for every input).
 MAIN_INPUT = {"modulate_rows_kernel": "x", "modulate_regs_kernel": "x", "_modulate_kernel": "x_ptr", "_modulated_rel_l1_kernel": "x_ptr"}
 # Inputs each row kernel must be seen to load (proves the attribution found them).
@@ -92,9 +92,10 @@ EXPECTED_INPUTS = {
     "_rel_l1_partials_kernel": {"cur_ptr", "prev_ptr"},
     "_residual_capture_kernel": {"out_ptr", "inp_ptr"},
     "_residual_apply_kernel": {"hidden_ptr", "res_ptr"},
+    "_span_end_kernel": {"out_ptr", "inp_ptr", "res_ptr"},
 }
 # Per-sample scalars read once per row loop iteration, not row data.
-NOT_ROW_DATA = {"mask", "compute"}  # compute: the span end's device flag, one byte
+NOT_ROW_DATA = {"mask", "compute", "compute_ptr"}  # compute: the span end's device flag, one byte
 SIZES = {"F32": 4, "F16": 2, "BF16": 2}
 
 
@@ -145,7 +146,7 @@ def test_every_kernel_is_reported(report):
                                           "span_end_kernel", "decide_kernel")} | \
         {("triton", n) for n in ("_modulate_kernel", "_modulated_rel_l1_kernel", "_sum_partials_kernel",
                                  "_rel_l1_partials_kernel", "_residual_capture_kernel",
-                                 "_residual_apply_kernel", "_decide_kernel")}
+                                 "_residual_apply_kernel", "_span_end_kernel", "_decide_kernel")}
     cuda = [k for k in facts["kernels"] if k["backend"] == "cuda"]
     # every template instance; the register row kernel: 2 indicator x 2 packs x 3 norms x
     # (scale, shift, both, neither: 4 for the 3 x dtypes, 3 for the 2 fp32-param pairs)
@@ -403,6 +404,19 @@ def test_triton_residual_apply_out_is_a_case(report):
     for k in apply:
         if "IN_PLACE=False" in k["case"]:
             assert "residual_apply_out" in k["case"] and k["assumed"] is not None, k["case"]
+
+
+def test_triton_reductions_finish_in_their_own_launch(report):
+    # One launch per reduction: every benchmark case of the indicator and of
+    # rel_l1_partials compiles with the fused finish; the second-stage kernel
+    # is compiled only for the per-sample batch wider than the fused finish.
+    facts, _ = report
+    for k in facts["kernels"]:
+        if k["name"] in ("_modulated_rel_l1_kernel", "_rel_l1_partials_kernel"):
+            wide = "per-sample 80x1M" in k["case"]
+            assert ("FUSED=False" if wide else "FUSED=True") in k["case"], k["case"]
+        if k["name"] == "_sum_partials_kernel":
+            assert k["case"].startswith("rel_l1_partials per-sample 80x1M bf16;"), k["case"]
 
 
 def test_committed_report_is_current(report):

@@ -210,6 +210,24 @@ def test_finish_span_matches_the_composed_ops(backend, dtype, res_dtype, compute
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("byte", [0, 1, 2, 255])
+def test_finish_span_flag_byte_and_several_programs(backend, byte):
+    # A bool whose byte is 2..255 is True (as torch reads it), and a span long
+    # enough for several programs of every backend's launch.
+    n = 2 * 4096 * 4 * 2 + 3
+    out0, inp = _rand((n,), torch.bfloat16, 17, 2.0), _rand((n,), torch.bfloat16, 18)
+    res0 = _rand((n,), torch.float32, 19, 0.5)
+    flag = torch.tensor([byte], dtype=torch.uint8, device=DEV).view(torch.bool).reshape(())
+    want_out, want_res = out0.clone(), res0.clone()
+    _composed_span_end(torch.tensor(byte != 0, device=DEV), want_out, inp, want_res)
+    out, res = out0.clone(), res0.clone()
+    with ops.use_backend(backend):
+        ops.finish_span_(flag, out, inp, res)
+    _assert_bits(out, want_out)
+    _assert_bits(res, want_res)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_finish_span_non_contiguous(backend):
     B, N, C = 2, 6, 9
     out0 = _rand((B, C, N), torch.bfloat16, 14).transpose(1, 2)

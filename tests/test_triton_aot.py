@@ -50,7 +50,7 @@ def test_every_kernel_compiles_for_sm90(aot_run):
     compiled = {m for m in re.findall(r"^ok\s+(\w+)\s+sm_90", proc.stdout, re.M)}
     assert compiled == {"_modulate_kernel", "_modulated_rel_l1_kernel", "_sum_partials_kernel",
                         "_rel_l1_partials_kernel", "_residual_capture_kernel",
-                        "_residual_apply_kernel", "_decide_kernel"}, proc.stdout
+                        "_residual_apply_kernel", "_span_end_kernel", "_decide_kernel"}, proc.stdout
 
 
 def _ptx_for(ptx_dir: Path, kernel: str, *labels: str) -> str:

@@ -185,6 +185,62 @@ def test_rel_l1_many_programs_and_second_stage_loop():
     assert torch.equal(total, again)
 
 
+def _sum_partials_forbidden(*args, **kwargs):
+    raise AssertionError("a fused reduction launched the second stage")
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "per_sample"])
+def test_fused_finish_is_one_launch_with_the_second_stages_bits(monkeypatch, per_sample):
+    # Up to _FUSED_OUTPUTS outputs the last program adds the partials (no
+    # sum_partials launch), in sum_partials' order: the same bits as the two
+    # launches, and the ticket is left at zero for the next call.
+    x = _rand((3, 4 * ROWS + 1, 1000), torch.bfloat16, 30)
+    prev0 = _rand(x.shape, torch.bfloat16, 31)
+    n = 3 * tb.flat_config(1 << 20, 3, torch.device(DEV)).block * tb.flat_config(1 << 20, 3, torch.device(DEV)).per_program + 5
+    cur, prev = _rand((3, n), torch.float32, 32), _rand((3, n), torch.float32, 33)
+    cfg = tb.row_config(1000, x.shape[1], 3, x.device, kernel="_modulated_rel_l1_kernel", itemsize=2)
+    kw = dict(block_c=cfg.block, tail=cfg.tail, rows_per_program=cfg.per_program, num_warps=1)
+    parts = kmod.modulated_rel_l1_(x, None, None, prev0.clone(), "layer", 1e-6, **kw)
+    groups = (cur, prev) if per_sample else (cur.view(1, -1), prev.view(1, -1))  # as ops passes them
+    flat = tb.flat_config(groups[0].shape[1], groups[0].shape[0], cur.device)
+    flat_parts = krel.rel_l1_partials(*groups, block=flat.block, tiles_per_program=flat.per_program,
+                                      num_warps=1)
+    assert parts.shape[1] > 1 and flat_parts.shape[1] > 1  # several programs to finish
+
+    def two_launches(p):
+        groups = p if per_sample else p.view(1, -1, 2)
+        block = min(tb._FINISH_MAX_BLOCK, 1 << (groups.shape[1] - 1).bit_length())
+        out = krel.sum_partials(groups, block=block, num_warps=1)
+        return out if per_sample else out.view(2)
+
+    monkeypatch.setattr(krel, "sum_partials", _sum_partials_forbidden)
+    ticket = tb._ticket(x.device)
+    fused = _triton(ops.modulated_rel_l1_, x, None, None, prev0.clone(), norm="layer", per_sample=per_sample)
+    assert ticket.item() == 0
+    fused_flat = _triton(ops.rel_l1_partials, cur, prev, per_sample=per_sample)
+    assert ticket.item() == 0
+    monkeypatch.undo()
+    assert torch.equal(fused, two_launches(parts))
+    assert torch.equal(fused_flat, two_launches(flat_parts))
+    torch.testing.assert_close(fused_flat.double(), partials64(cur, prev, per_sample), rtol=1e-6, atol=0)
+
+
+def test_many_outputs_take_the_second_stage(monkeypatch):
+    # More samples than the last program should add alone: sum_partials
+    # finishes them (one program per sample), with the fused path's results.
+    B = tb._FUSED_OUTPUTS + 1
+    cur, prev = _rand((B, 33), torch.float16, 34), _rand((B, 33), torch.float16, 35)
+    calls = []
+    real = krel.sum_partials
+    monkeypatch.setattr(krel, "sum_partials", lambda *a, **k: calls.append(1) or real(*a, **k))
+    per = _triton(ops.rel_l1_partials, cur, prev, per_sample=True)
+    assert calls == [1]
+    torch.testing.assert_close(per.double(), partials64(cur, prev, True), rtol=1e-3, atol=0)
+    whole = _triton(ops.rel_l1_partials, cur, prev, per_sample=False)  # one output: fused
+    assert calls == [1]
+    torch.testing.assert_close(whole.double(), partials64(cur, prev, False), rtol=1e-3, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rel_l1_partials_ragged_tiles_bitwise_repeatable(dtype):
     flat = tb.flat_config(10**4, 1, torch.device(DEV))

@@ -549,7 +549,10 @@ def analyze(fn: Function, acc: list[Access], stage2: frozenset = frozenset()) ->
     def has(nd, pred):
         return any(pred(fn.instrs[i]) for b in nodes[nd] for i in range(*fn.blocks[b]))
     is_bar = lambda ins: ins.barrier  # noqa: E731
-    is_ld = lambda ins: bool(ins.mem and ins.mem[0] == "ld" and ins.mem[1] in ("global", "generic"))  # noqa: E731
+    # The fused finish's loads (stage2) follow the row's last barrier by design.
+    finish_loads = {a.index for a in glob if a.kind == "ld" and a.param in stage2}
+    is_ld = lambda ins: bool(ins.mem and ins.mem[0] == "ld" and ins.mem[1] in ("global", "generic")  # noqa: E731
+                             and ins.index not in finish_loads)
     bar_nodes = [nd for nd in nodes if has(nd, is_bar)]
     after = False
     for nd in bar_nodes:
@@ -832,8 +835,12 @@ TRITON_CASES = (("flux", (1, 4096, 3072), "bf16"), ("flux", (1, 4096, 3072), "fp
 # Row kernels also with fp32 modulation params on a bf16 row (a model whose
 # timestep embedding stays in fp32).
 TRITON_ROW_CASES = TRITON_CASES + (("flux", (1, 4096, 3072), "bf16", "fp32"),)
+# The reductions' fused finish (kernels/rel_l1.py finish_in_last_program): the
+# last program re-reads the launch's partial pairs after its rows; not row data.
+TRITON_STAGE2 = {"_modulated_rel_l1_kernel": frozenset({"part_ptr"}),
+                 "_rel_l1_partials_kernel": frozenset({"part_ptr"})}
 TRITON_GRID_ASSUMES_RESIDENCY = {"_modulate_kernel", "_modulated_rel_l1_kernel", "_rel_l1_partials_kernel",
-                                 "_residual_capture_kernel", "_residual_apply_kernel"}
+                                 "_residual_capture_kernel", "_residual_apply_kernel", "_span_end_kernel"}
 
 
 def triton_thunks():
@@ -861,6 +868,12 @@ def triton_thunks():
         cases.append((f"residual_apply_ {label}", lambda f=flat: tb.residual_apply_(f, torch.empty_like(f), None)))
         cases.append((f"residual_apply_out {label}", lambda f=flat: tb.residual_apply_(
             f, torch.empty_like(f), None, out=torch.empty_like(f))))
+        cases.append((f"finish_span_ {label}", lambda f=flat: tb.finish_span_(
+            meta((), torch.bool), f.view(-1), torch.empty_like(f.view(-1)), torch.empty_like(f.view(-1)))))
+    # A per-sample batch wider than the fused finish takes: partials, then _sum_partials_kernel.
+    many = meta((80, 1 << 20), aot.DTYPES["bf16"])
+    cases.append(("rel_l1_partials per-sample 80x1M bf16",
+                  lambda: tb.rel_l1_partials(many, torch.empty_like(many), True)))
     parts = meta((1, 2), torch.float32)
     cases.append(("teacache_decide_ S=1", lambda: tb.teacache_decide_(parts, torch.empty_like(parts), [1.0, -2.0, 3.0], 0.1,
                                                      meta((1,), torch.bool), 3)))
@@ -870,7 +883,7 @@ def triton_thunks():
 # The pointer whose element size the Triton backend passes to launch_config.
 TRITON_MAIN_POINTER = {"_modulate_kernel": "x_ptr", "_modulated_rel_l1_kernel": "x_ptr",
                        "_rel_l1_partials_kernel": "cur_ptr", "_residual_capture_kernel": "out_ptr",
-                       "_residual_apply_kernel": "hidden_ptr"}
+                       "_residual_apply_kernel": "hidden_ptr", "_span_end_kernel": "out_ptr"}
 
 
 def _itemsize(comp) -> int:
@@ -951,7 +964,7 @@ def triton_report(arch: int, workdir: Path) -> tuple[list[KernelFacts], dict]:
         pointers = {p for p, ty in comp.signature.items() if ty.startswith("*")}
         fobj = Function(instrs)
         acc = accesses(fobj, ptx_attribute(names, pointers))
-        sass = analyze(fobj, acc)
+        sass = analyze(fobj, acc, TRITON_STAGE2.get(name, frozenset()))
         if sass["row_scope"] == "function" and sass["loads_before_barrier"] is False:
             in_row_loop = row_loop_loads_before_barrier(fobj)
             if in_row_loop is not None:
@@ -966,9 +979,9 @@ def triton_report(arch: int, workdir: Path) -> tuple[list[KernelFacts], dict]:
         blocks, limiter = blocks_per_sm(arch, usage.get("REG", 0), threads, smem)
         consts = " ".join(f"{k}={v}" for k, v in comp.constexprs.items()
                           if k in ("NORM", "HAS_SCALE", "HAS_SHIFT", "HAS_MASK", "IN_PLACE", "BLOCK_C", "BLOCK",
-                                   "SINGLE", "TAIL"))
+                                   "SINGLE", "TAIL", "FUSED"))
         dtypes = ",".join(sorted({ty[1:] for p, ty in comp.signature.items() if ty.startswith("*") and
-                                  p not in ("part_ptr", "mask_ptr", "out_ptr")}))
+                                  p not in ("part_ptr", "mask_ptr", "out_ptr", "ticket_ptr", "compute_ptr")}))
         # Bits each thread loads of every input inside the innermost loops (the
         # row loop when the row is held in registers): x once per element of
         # the row is threads * bits == 8 * itemsize * C.
@@ -1083,9 +1096,12 @@ How each column is derived (all from compiled code; nothing is run):
   **unattributed accesses**: global loads/stores the dataflow could not tie to exactly one
   pointer (register reuse across paths); they take no part in the hot loops or the passes, and the
   test requires them to be narrower than 128 bits (scalar edges), so no vector access goes uncounted.
-- **Fused finish**: `modulate_rows_kernel`, `modulate_regs_kernel` and `rel_l1_kernel` end with the last block adding the
-  workspace pairs (one launch per reduction); those loads of `ws` come after the rows and are
-  not row data (not in the passes, widths or hot loops).
+- **Fused finish**: `modulate_rows_kernel`, `modulate_regs_kernel` and `rel_l1_kernel` (CUDA) and
+  `_modulated_rel_l1_kernel` and `_rel_l1_partials_kernel` with FUSED=True (Triton) end with the
+  last block (program) to take an integer ticket adding the launch's partial pairs (one launch
+  per reduction, up to 64 outputs); those loads of `ws` / `part_ptr` come after the rows and are
+  not row data (not in the passes, widths or hot loops). More outputs (the per-sample case of 80 samples)
+  take the finishing kernel (`finish_partials_kernel`, `_sum_partials_kernel`).
 - **all loads before 1st barrier**: within one iteration of the row, no global load is reachable from
   a barrier (`BAR.SYNC` in SASS, `bar.sync` in PTX); `no barrier` when the row has none.
 - **local mem in a loop**: an LDL/STL (ld.local/st.local) inside any loop.

@@ -172,7 +172,8 @@ def row_cases(quick: bool):
 
 
 def flat_cases(quick: bool):
-    """rel_l1 partials (+ sum_partials), residual capture/apply, decide."""
+    """rel_l1 partials (fused finish, or + sum_partials for many samples), residual capture/apply,
+    the sync-free span end, decide."""
     cases = []
     widths = (3000, 3072) if quick else WIDTHS
     for (x_name, dtype), C in itertools.product(DTYPES.items(), widths):
@@ -190,11 +191,16 @@ def flat_cases(quick: bool):
             res = _meta((BATCH * TOKENS * C,), r_dtype)
             cases.append((f"out={x_name} residual={r_name} C={C}",
                           lambda o=out, r=res: tb.residual_capture_(o, torch.empty_like(o), r)))
+            cases.append((f"span end out={x_name} residual={r_name} C={C}",
+                          lambda o=out, r=res: tb.finish_span_(_meta((), torch.bool), o, torch.empty_like(o), r)))
             for has_mask in (False, True):
                 hidden = out.view(BATCH, -1)
                 mask = _meta((BATCH,), torch.bool) if has_mask else None
                 cases.append((f"hidden={x_name} residual={r_name} mask={int(has_mask)} C={C}",
                               lambda h=hidden, r=res.view(BATCH, -1), m=mask: tb.residual_apply_(h, r, m)))
+    # More samples than the fused finish takes: the partials, then _sum_partials_kernel.
+    many = _meta((80, 1 << 20), torch.bfloat16)
+    cases.append(("x=bf16 per_sample=1 B=80 L=1M", lambda: tb.rel_l1_partials(many, torch.empty_like(many), True)))
     for S in ((2,) if quick else (1, 2, 4)):
         parts, state = _meta((S, 2), torch.float32), _meta((S, 2), torch.float32)
         cases.append((f"S={S}", lambda p=parts, s=state, n=S: tb.teacache_decide_(

@@ -11,6 +11,7 @@ sizes, work per program and warps as arguments, so they stay self-contained.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,6 @@ from teacache_fast.kernels import decide as _decide
 from teacache_fast.kernels import modulate as _modulate
 from teacache_fast.kernels import rel_l1 as _rel_l1
 from teacache_fast.kernels import residual as _residual
-
-from .torch import composed_finish_span
 
 # Widest vector a program works on at once. On a GPU 4096 elements over 16
 # warps is 8 per thread: 16-byte loads for 16-bit dtypes, few registers. Under
@@ -58,7 +57,8 @@ _RESIDENT_BY_REGISTERS: dict[tuple[str, int, int], int] = {
     ("_modulate_kernel", 16, 2): 2,                                     # 57
     ("_modulated_rel_l1_kernel", 8, 2): 2, ("_modulated_rel_l1_kernel", 8, 4): 2,  # 99-104
     ("_modulated_rel_l1_kernel", 16, 2): 1,                             # 93
-    ("_rel_l1_partials_kernel", 16, 4): 3,                              # 39
+    ("_rel_l1_partials_kernel", 16, 2): 3, ("_rel_l1_partials_kernel", 16, 4): 3,  # 40 (fused finish)
+    ("_span_end_kernel", 16, 4): 3,                                     # 38
 }
 # CPU (interpreter): rows or tiles per program, to keep grids small.
 _CPU_PER_PROGRAM = 4
@@ -150,14 +150,49 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _finish(partials: torch.Tensor, per_sample: bool) -> torch.Tensor:
-    """(B, P, 2) per-program partials -> (B, 2) per sample, or (2,) for the batch."""
-    B, P, _ = partials.shape
-    groups = partials if per_sample else partials.view(1, B * P, 2)
-    cfg = launch_config(groups.shape[1], 1, groups.shape[0], partials.device,
-                        cpu_max_block=_CPU_MAX_FLAT_BLOCK)
-    out = _rel_l1.sum_partials(groups, block=cfg.block, num_warps=min(cfg.num_warps, 4))
-    return out if per_sample else out.view(2)
+# Up to this many outputs (samples, or 1 for the batch) the last program of a
+# reduction launch adds the partials (one launch); more take sum_partials,
+# whose programs share the outputs (one last program looping over a batch of
+# thousands would serialize the finish). The same split as csrc/ (kFusedOutputs).
+_FUSED_OUTPUTS = 64
+_FINISH_MAX_BLOCK = 4096
+# The fused finish's integer ticket, one per (device, stream): zero before the
+# first launch and left zero by every launch, and launches on one stream run
+# in order. CPU (interpreter): one per thread. Inside a CUDA-graph capture a
+# fresh one (a captured allocation belongs to the graph's pool).
+_TICKETS: dict = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device.type, device.index, threading.get_ident())
+    ticket = _TICKETS.get(key)
+    if ticket is None:
+        ticket = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return ticket
+
+
+def _fused_finish(groups: int, per_sample: bool, device: torch.device) -> _rel_l1.Finish | None:
+    """The in-launch finish, or None where sum_partials takes the outputs."""
+    if per_sample and groups > _FUSED_OUTPUTS:
+        return None
+    return _rel_l1.Finish(_ticket(device), per_sample, _FINISH_MAX_BLOCK)
+
+
+def _finish(result: torch.Tensor, fused: bool, per_sample: bool) -> torch.Tensor:
+    """The launch's (B, 2) / (1, 2) sums when fused, else its (B, P, 2) partials
+    added by sum_partials in the same order; (B, 2) per sample, (2,) for the batch."""
+    if not fused:
+        B, P, _ = result.shape
+        groups = result if per_sample else result.view(1, B * P, 2)
+        cfg = launch_config(groups.shape[1], 1, groups.shape[0], result.device,
+                            cpu_max_block=_CPU_MAX_FLAT_BLOCK)
+        result = _rel_l1.sum_partials(groups, block=cfg.block, num_warps=min(cfg.num_warps, 4))
+    return result if per_sample else result.view(2)
 
 
 def modulate(x, scale, shift, norm: str, eps: float) -> torch.Tensor:
@@ -173,22 +208,23 @@ def modulate(x, scale, shift, norm: str, eps: float) -> torch.Tensor:
 def rel_l1_partials(cur, prev, per_sample: bool) -> torch.Tensor:
     G, L = cur.shape
     cfg = flat_config(L, G, cur.device, kernel="_rel_l1_partials_kernel", itemsize=cur.element_size())
+    finish = _fused_finish(G, per_sample, cur.device)
     with _on(cur.device):
-        partials = _rel_l1.rel_l1_partials(cur, prev, block=cfg.block,
-                                           tiles_per_program=cfg.per_program,
-                                           num_warps=cfg.num_warps)
-        return _finish(partials, per_sample)
+        result = _rel_l1.rel_l1_partials(cur, prev, block=cfg.block, tiles_per_program=cfg.per_program,
+                                         num_warps=cfg.num_warps, finish=finish)
+        return _finish(result, finish is not None, per_sample)
 
 
 def modulated_rel_l1_(x, scale, shift, prev, norm: str, eps: float, per_sample: bool) -> torch.Tensor:
     B, R, C = x.shape
     cfg = row_config(C, R, B, x.device, kernel="_modulated_rel_l1_kernel",
                      itemsize=x.element_size())
+    finish = _fused_finish(B, per_sample, x.device)
     with _on(x.device):
-        partials = _modulate.modulated_rel_l1_(x, scale, shift, prev, norm, eps, block_c=cfg.block,
-                                               tail=cfg.tail, rows_per_program=cfg.per_program,
-                                               num_warps=cfg.num_warps)
-        return _finish(partials, per_sample)
+        result = _modulate.modulated_rel_l1_(x, scale, shift, prev, norm, eps, block_c=cfg.block,
+                                             tail=cfg.tail, rows_per_program=cfg.per_program,
+                                             num_warps=cfg.num_warps, finish=finish)
+        return _finish(result, finish is not None, per_sample)
 
 
 def teacache_decide_(partials, state, coefficients, threshold: float, force, max_skips: int,
@@ -217,5 +253,9 @@ def residual_apply_(hidden, residual, mask, out=None) -> None:
                                   tiles_per_program=cfg.per_program, num_warps=cfg.num_warps, out=out)
 
 
-# the sync-free span end: capture, a device select, the masked apply (no fused kernel)
-finish_span_ = composed_finish_span(residual_capture_, residual_apply_)
+def finish_span_(compute, out, inp, residual) -> None:
+    """The sync-free span end in one launch and 3 passes (the flag read on the device)."""
+    cfg = flat_config(out.numel(), 1, out.device, kernel="_span_end_kernel", itemsize=out.element_size())
+    with _on(out.device):
+        _residual.finish_span_(compute, out, inp, residual, block=cfg.block,
+                               tiles_per_program=cfg.per_program, num_warps=cfg.num_warps)
