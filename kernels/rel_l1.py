@@ -11,13 +11,15 @@
                      (G, 2) or (2,) sums.
 ``sum_partials``:    (G, P, 2) -> (G, 2): one program per group adds its P
                      partials in a fixed order (lane-wise over blocks of P,
-                     then a tree sum over lanes): the second launch, for many
+                     then an exact sum over lanes): the second launch, for many
                      outputs (a large per-sample batch), where one last program
                      adding them all would serialize the finish.
 
 No float atomics anywhere: the partition and the order of every sum depend on
 the shape and launch configuration only, so the result has the same bits on
-every run. Programs never straddle groups.
+every run; the sums over a program's lanes are exact (``exact_lane_sum``), so
+neither the compiler's layout (which follows the pointers' alignment) nor the
+warps of the finishing launch change them. Programs never straddle groups.
 Self-contained (triton + torch only) so it can be copied into other projects;
 kernels/modulate.py imports the finishing helpers from here.
 """
@@ -42,9 +44,34 @@ class Finish(NamedTuple):
 
 
 @triton.jit
+def exact_lane_sum(v):
+    """The sum of a vector of up to 2^14 non-negative fp32 lanes, independent
+    of how the compiler lays the lanes out over threads (a tree sum's order
+    follows the layout, which Triton derives from the pointers' alignment: a
+    misaligned input would change the bits). The lanes are added exactly, as
+    integers: each is scaled by 2^k in fp64 (k from the largest lane's
+    exponent: it lands below 2^49, so 2^14 lanes stay below 2^63), truncated
+    to int64 (the bits below 2^-k of the largest lane, far under fp32's
+    precision of the sum, are dropped the same way whatever the order) and
+    summed; then scaled back and rounded to fp32. A NaN or inf lane gives
+    tl.sum's NaN or inf, which no order changes."""
+    plain = tl.sum(v, axis=0)
+    finite = (plain == plain) & (plain < float("inf"))
+    v = tl.where(finite, v, 0.0)
+    bits = tl.max(v, axis=0).to(tl.uint32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF).to(tl.int32) - 127, -126)  # the largest lane's exponent
+    k = 48 - e
+    scale = ((k + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)  # 2^k, exact
+    ints = (v.to(tl.float64) * scale).to(tl.int64)
+    exact = (tl.sum(ints, axis=0).to(tl.float64) / scale).to(tl.float32)
+    return tl.where(finite, exact, plain)
+
+
+@triton.jit
 def _sum_pairs(rows, P, BLOCK: tl.constexpr):
     """Sum P consecutive fp32 pairs at rows: lane-wise over blocks of BLOCK
-    pairs in order, then a tree sum over lanes. .cg: read from L2, where the
+    pairs in order, then exact_lane_sum (so the bits do not depend on the
+    warps of the launch: fused or not, the same). .cg: read from L2, where the
     other programs' pairs are (never a stale L1 line)."""
     lanes = tl.arange(0, BLOCK)
     acc0 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -53,7 +80,7 @@ def _sum_pairs(rows, P, BLOCK: tl.constexpr):
         mask = j0 + lanes < P
         acc0 += tl.load(rows + (j0 + lanes) * 2, mask=mask, other=0.0, cache_modifier=".cg")
         acc1 += tl.load(rows + (j0 + lanes) * 2 + 1, mask=mask, other=0.0, cache_modifier=".cg")
-    return tl.sum(acc0, axis=0), tl.sum(acc1, axis=0)
+    return exact_lane_sum(acc0), exact_lane_sum(acc1)
 
 
 @triton.jit
@@ -93,8 +120,8 @@ def _rel_l1_partials_kernel(cur_ptr, prev_ptr, part_ptr, out_ptr, ticket_ptr, L,
         acc_diff += tl.abs(c - p)
         acc_prev += tl.abs(p)
     out = part_ptr + (g * tl.num_programs(1) + pid) * 2
-    tl.store(out, tl.sum(acc_diff, axis=0))
-    tl.store(out + 1, tl.sum(acc_prev, axis=0))
+    tl.store(out, exact_lane_sum(acc_diff))
+    tl.store(out + 1, exact_lane_sum(acc_prev))
     if FUSED:
         finish_in_last_program(part_ptr, out_ptr, ticket_ptr, outputs, per_output, FIN_BLOCK)
 

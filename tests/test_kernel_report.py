@@ -419,6 +419,20 @@ def test_triton_reductions_finish_in_their_own_launch(report):
             assert k["case"].startswith("rel_l1_partials per-sample 80x1M bf16;"), k["case"]
 
 
+def test_triton_row_statistics_layout_checked_for_misaligned_rows(report):
+    # Every Triton row kernel with a norm was compiled a second time with
+    # misaligned rows and its statistics' layouts compared; where they differ
+    # the backend copies a misaligned row first (test_triton_kernels checks
+    # that the kernels only ever see aligned rows).
+    facts, _ = report
+    rows = [k for k in facts["kernels"] if k["name"] in ("_modulate_kernel", "_modulated_rel_l1_kernel")]
+    assert rows and all(k["extra"]["misaligned_stats"] in ("same", "DIFFERS") for k in rows), \
+        [(k["case"], k["extra"].get("misaligned_stats")) for k in rows]
+    assert any(k["extra"]["misaligned_stats"] == "same" for k in rows)
+    others = [k for k in facts["kernels"] if k["backend"] == "triton" and k not in rows]
+    assert all(k["extra"]["misaligned_stats"] == "-" for k in others)
+
+
 def test_committed_report_is_current(report):
     sys.path.insert(0, str(ROOT / "tools"))
     try:

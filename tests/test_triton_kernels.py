@@ -185,6 +185,73 @@ def test_rel_l1_many_programs_and_second_stage_loop():
     assert torch.equal(total, again)
 
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _exact_sum_kernel(v_ptr, out_ptr, BLOCK: tl.constexpr):
+    tl.store(out_ptr, krel.exact_lane_sum(tl.load(v_ptr + tl.arange(0, BLOCK))))
+
+
+def _exact_sum(v: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(1, dtype=torch.float32, device=v.device)
+    _exact_sum_kernel[(1,)](v, out, BLOCK=v.numel())
+    return out[0]
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e30, 1e-30], ids=["unit", "huge", "tiny"])
+def test_exact_lane_sum_ignores_the_lane_order(spread):
+    # The lanes of a program's sum are laid out over threads as the compiler
+    # chooses (from the pointers' alignment): any permutation gives the same
+    # bits, within 1 ulp of the float64 sum (values over 2^40 of range).
+    g = torch.Generator().manual_seed(40)
+    v = (torch.rand(4096, generator=g) * torch.exp2(torch.randint(-20, 20, (4096,), generator=g).float()) * spread)
+    v = v.to(DEV)
+    want = _exact_sum(v)
+    for seed in range(3):
+        perm = torch.randperm(4096, generator=torch.Generator().manual_seed(seed)).to(DEV)
+        assert torch.equal(_exact_sum(v[perm].contiguous()), want)
+    exact = v.double().sum()
+    assert abs(want.double() - exact) <= exact * 2.0 ** -23
+    assert _exact_sum(torch.zeros(64, device=DEV)) == 0.0
+
+
+def test_exact_lane_sum_non_finite_lanes():
+    v = torch.ones(256, device=DEV)
+    v[7] = float("inf")
+    assert _exact_sum(v) == float("inf")
+    v[9] = float("nan")
+    assert _exact_sum(v).isnan()
+    big = torch.full((256,), 3e38, device=DEV)  # finite lanes, a sum past fp32's range
+    assert _exact_sum(big) == float("inf")
+    denormal = torch.full((256,), 1e-40, device=DEV)
+    torch.testing.assert_close(_exact_sum(denormal).double(), denormal.double().sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shift", [1, 3], ids=lambda s: f"off{s}")
+def test_misaligned_inputs_give_the_aligned_bits(monkeypatch, shift):
+    # Views starting 1 or 3 elements into their storage (not 16-byte aligned)
+    # give the bits of aligned copies: the indicator and rel_l1_partials.
+    C = 1000
+    xs = _rand((2 * 5 * C + shift,), torch.bfloat16, 41)[shift:].view(2, 5, C)
+    ps = _rand((2 * 5 * C + shift,), torch.bfloat16, 42)[shift:].view(2, 5, C)
+    assert xs.data_ptr() % 16 and ps.data_ptr() % 16
+    scale, shift_t = _rand((2, C), torch.bfloat16, 43), _rand((2, C), torch.bfloat16, 44)
+    xa, pa = xs.clone(), ps.clone()
+    seen = []  # the row kernels get aligned rows: Triton's layout, and so its sums' order, follows alignment
+    real = kmod.modulated_rel_l1_
+    monkeypatch.setattr(kmod, "modulated_rel_l1_", lambda x, s, t, prev, *a, **k: seen.append(
+        (x.data_ptr() % 16, prev.data_ptr() % 16)) or real(x, s, t, prev, *a, **k))
+    got = _triton(ops.modulated_rel_l1_, xs, scale, shift_t, ps, per_sample=True)
+    assert seen == [(0, 0)]
+    monkeypatch.undo()
+    want = _triton(ops.modulated_rel_l1_, xa, scale, shift_t, pa, per_sample=True)
+    assert torch.equal(got, want) and torch.equal(ps, pa)
+    assert torch.equal(_triton(ops.rel_l1_partials, xs.reshape(2, -1), ps.reshape(2, -1), per_sample=True),
+                       _triton(ops.rel_l1_partials, xa.reshape(2, -1), pa.reshape(2, -1), per_sample=True))
+
+
 def _sum_partials_forbidden(*args, **kwargs):
     raise AssertionError("a fused reduction launched the second stage")
 

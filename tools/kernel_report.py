@@ -939,6 +939,44 @@ def ptx_attribute(names: list[str], pointers: set):
     return attribute
 
 
+# The per-row statistics of the Triton row kernels (kernels/modulate.py
+# _tile_stats: `total` for the mean, `sum_sq` for the variance) are tree sums
+# whose order follows the layout Triton picks, and Triton picks it from the
+# pointers' alignment. Each row-kernel case is compiled a second time with x,
+# prev and out not 16-byte aligned (a view one element into its storage); the
+# statistics must reduce in the same layout (the per-program partials are exact
+# integer sums, rel_l1.exact_lane_sum, so any layout gives their bits).
+TRITON_ROW_DATA = ("x_ptr", "prev_ptr", "out_ptr")
+TRITON_STATS = re.compile(r"^(total|sum_sq)(_\d+)?$")
+_REDUCE = re.compile(r'%(\w+) = "tt\.reduce"\(.*?\}\) : \((tensor<[^,]+, (#\w+)>)\)', re.S)
+
+
+def _stats_layouts(ttgir: str) -> list[tuple[str, str]]:
+    """(statistic, resolved layout) of each statistics reduce, in program order."""
+    aliases = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.M))
+    out = []
+    for name, tensor, alias in _REDUCE.findall(ttgir):
+        if TRITON_STATS.match(name):
+            out.append((TRITON_STATS.match(name).group(1), tensor.replace(alias, aliases.get(alias, alias))))
+    return out
+
+
+def misaligned_stats_layout(aot, comp, ttgir: str) -> str:
+    """'same' / 'DIFFERS' for a row kernel with statistics; '-' otherwise."""
+    if comp.constexprs.get("NORM", 0) == 0 or not comp.constexprs.get("SINGLE", False):
+        return "-"
+    aligned = _stats_layouts(ttgir)
+    if not aligned:
+        raise RuntimeError(f"{comp.fn.__name__}: no statistics reduce found in its TTGIR")
+    drop = {i for i, n in enumerate(comp.fn.arg_names) if n in TRITON_ROW_DATA}
+    mis = aot.Compile(comp.fn, comp.arch, comp.signature, comp.constexprs,
+                      {k: v for k, v in comp.attrs.items() if k[0] not in drop}, comp.options)
+    ok, result = aot.compile_one(mis)
+    if not ok:
+        raise RuntimeError(f"{comp.fn.__name__} (misaligned): {result}")
+    return "same" if _stats_layouts(result.asm["ttgir"]) == aligned else "DIFFERS"
+
+
 def triton_report(arch: int, workdir: Path) -> tuple[list[KernelFacts], dict]:
     aot = _aot()
     cases, resident_programs = triton_thunks()
@@ -1002,6 +1040,7 @@ def triton_report(arch: int, workdir: Path) -> tuple[list[KernelFacts], dict]:
                    "sass_local": sum(op.split(".")[0] in ("LDL", "STL") for op in sass_ops),
                    "row_ld_bits": row_bits, "itemsize": _itemsize(comp), "widths": widths,
                    "single_tile": bool(comp.constexprs.get("SINGLE", False)),
+                   "misaligned_stats": misaligned_stats_layout(aot, comp, result.asm["ttgir"]),
                    "lanes": comp.constexprs.get("BLOCK_C", 0) + comp.constexprs.get("TAIL", 0)}))
     return facts, {"compile_s": time.time() - start, "compiles": len(unique)}
 
@@ -1016,7 +1055,7 @@ def facts_table(facts: list[KernelFacts]) -> str:
     head = ("| backend | kernel | case | threads | regs | stack B | spill st/ld B | local B | smem B | "
             "blocks/SM (limit) | grid assumes | hot-loop ld bits | hot-loop st bits | loads per row "
             "(passes) | ld instrs per hot loop | unattributed accesses (bits) | all loads before 1st barrier | "
-            "local mem in a loop |")
+            "local mem in a loop | stats layout, misaligned rows |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for f in facts:
         s = f.sass
@@ -1029,7 +1068,7 @@ def facts_table(facts: list[KernelFacts]) -> str:
             f"{_fmt_map(s['passes'])} | {_fmt_map(s['hot_ld_instrs'])} | "
             f"{s['unattributed']}" + (f" ({','.join(map(str, s['unattributed_bits']))})" if s['unattributed'] else "")
             + f" | {bar} | "
-            f"{'**yes**' if s['local_in_loop'] else 'no'} |")
+            f"{'**yes**' if s['local_in_loop'] else 'no'} | {f.extra.get('misaligned_stats', '-')} |")
     return "\n".join(lines)
 
 
@@ -1105,6 +1144,15 @@ How each column is derived (all from compiled code; nothing is run):
 - **all loads before 1st barrier**: within one iteration of the row, no global load is reachable from
   a barrier (`BAR.SYNC` in SASS, `bar.sync` in PTX); `no barrier` when the row has none.
 - **local mem in a loop**: an LDL/STL (ld.local/st.local) inside any loop.
+- **stats layout, misaligned rows** (Triton row kernels with a norm): the per-row statistics are
+  tree sums whose order follows the layout Triton chooses, and it chooses it from the pointers'
+  16-byte alignment. The case is compiled again with x, prev and out *not* aligned (a view one
+  element into its storage): `same` when every statistics reduce (`total`, `sum_sq` in
+  `_tile_stats`) has the same resolved layout. `DIFFERS` (a bf16 row with fp32 parameters: the x
+  loads then set the layout) is why the Triton backend never launches a row kernel on a misaligned
+  row: it copies such a row to aligned memory first (`backends/triton.py` `_aligned`), so every
+  row reduces in the aligned layout. The per-program partials need neither: they are exact
+  integer sums (`exact_lane_sum`), the same bits in any layout.
 - The small kernels without rows (`decide_kernel`, `finish_partials_kernel`, `_sum_partials_kernel`,
   `_decide_kernel`) get the same columns, computed over their grid-stride loop or whole function;
   the test holds only the row and elementwise kernels to "once per row" and "loads before the

@@ -195,10 +195,21 @@ def _finish(result: torch.Tensor, fused: bool, per_sample: bool) -> torch.Tensor
     return result if per_sample else result.view(2)
 
 
+def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t when 16-byte aligned (or None), else an aligned copy. Triton derives
+    a kernel's layout from its pointers' alignment, and the layout orders the
+    row kernels' tree sums (the LayerNorm/RMSNorm statistics): a misaligned
+    row could get other bits than the same row aligned (tools/kernel_report.py,
+    "stats layout, misaligned rows"). A copy costs one more pass, only for
+    such inputs (a view one element into its storage); fresh tensors are aligned."""
+    return t if t is None or t.data_ptr() % 16 == 0 else t.clone()
+
+
 def modulate(x, scale, shift, norm: str, eps: float) -> torch.Tensor:
     B, R, C = x.shape
     cfg = row_config(C, R, B, x.device, kernel="_modulate_kernel", itemsize=x.element_size())
     out = torch.empty_like(x)
+    x, scale, shift = _aligned(x), _aligned(scale), _aligned(shift)
     with _on(x.device):
         _modulate.modulate(x, scale, shift, out, norm, eps, block_c=cfg.block, tail=cfg.tail,
                            rows_per_program=cfg.per_program, num_warps=cfg.num_warps)
@@ -220,10 +231,13 @@ def modulated_rel_l1_(x, scale, shift, prev, norm: str, eps: float, per_sample: 
     cfg = row_config(C, R, B, x.device, kernel="_modulated_rel_l1_kernel",
                      itemsize=x.element_size())
     finish = _fused_finish(B, per_sample, x.device)
+    x, scale, shift, buf = _aligned(x), _aligned(scale), _aligned(shift), _aligned(prev)
     with _on(x.device):
-        result = _modulate.modulated_rel_l1_(x, scale, shift, prev, norm, eps, block_c=cfg.block,
+        result = _modulate.modulated_rel_l1_(x, scale, shift, buf, norm, eps, block_c=cfg.block,
                                              tail=cfg.tail, rows_per_program=cfg.per_program,
                                              num_warps=cfg.num_warps, finish=finish)
+        if buf is not prev:
+            prev.copy_(buf)
         return _finish(result, finish is not None, per_sample)
 
 
