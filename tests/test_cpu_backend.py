@@ -303,3 +303,61 @@ def test_native_decide_is_one_kernel_call_through_the_op():
     from teacache_fast.cli.launches import count_launches
     with ops.use_backend("cpu"):
         assert count_launches(lambda: ops.teacache_decide_(partials, state, [1.0, 0.0], 0.5), "cpu") == 1
+
+
+# --------------------------------------------------------------------------- streamed residual ops
+
+_BIG = {torch.float32: (cpu._STREAM_MIN_BYTES // 4) + 37, torch.bfloat16: (cpu._STREAM_MIN_BYTES // 2) + 37,
+        torch.float16: (cpu._STREAM_MIN_BYTES // 2) + 37}
+
+
+def _assert_same_bits(got: torch.Tensor, want: torch.Tensor):
+    ints = {4: torch.int32, 2: torch.int16}[got.element_size()]
+    same = (got.view(ints) == want.view(ints)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), (got[~same][:4], want[~same][:4])
+
+
+@pytest.mark.parametrize("dtype,res_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                             (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
+                         ids=str)
+@pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda o: f"off{o}")
+def test_streamed_residual_ops_are_torchs_bits(dtype, res_dtype, offset):
+    # Above _STREAM_MIN_BYTES the out-of-place residual ops write with streaming
+    # stores (an aligned body, scalar head and tail): the torch backend's bits,
+    # with destinations that start 0, 1 or 3 elements past 16-byte alignment,
+    # a ragged length, and rounding edges in the data.
+    n = _BIG[res_dtype] if res_dtype.itemsize <= dtype.itemsize else _BIG[dtype]
+    g = torch.Generator().manual_seed(5)
+    out = (torch.randn(n, generator=g) * 3).to(dtype)
+    inp = (torch.randn(n, generator=g)).to(dtype)
+    edges = _edge_values(torch.bfloat16)[:1000].to(dtype)
+    out[:1000] = edges
+    res = torch.empty(n + offset, dtype=res_dtype)[offset:]
+    want = torch.empty(n, dtype=res_dtype)
+    cpu.residual_capture_(out, inp, res)
+    reference.residual_capture_(out, inp, want)
+    _assert_same_bits(res, want)
+    dst = torch.empty(n + offset, dtype=dtype)[offset:]
+    want_out = torch.empty(n, dtype=dtype)
+    cpu.residual_apply_(out.view(1, -1), res.view(1, -1), None, out=dst.view(1, -1))
+    reference.residual_apply_(out.view(1, -1), res.view(1, -1), None, out=want_out.view(1, -1))
+    _assert_same_bits(dst, want_out)
+
+
+def test_streamed_residual_is_one_native_call_and_small_ones_are_torch(monkeypatch):
+    calls = []
+    real = cpu._run
+    monkeypatch.setattr(cpu, "_run", lambda op, kernel, *a: calls.append(kernel) or real(op, kernel, *a))
+    small = torch.randn(1000)
+    cpu.residual_capture_(small, small, torch.empty(1000))
+    assert calls == []
+    big = torch.randn(_BIG[torch.float32])
+    cpu.residual_capture_(big, big * 2, torch.empty_like(big))
+    cpu.residual_apply_(big.view(1, -1), big.view(1, -1), None)  # fp32 in place: torch's add_
+    assert calls == ["tcf_cpu_residual"]
+    hidden = torch.randn(_BIG[torch.bfloat16]).bfloat16()
+    res = torch.randn(hidden.numel()).bfloat16()
+    want = hidden + res
+    cpu.residual_apply_(hidden.view(1, -1), res.view(1, -1), None)  # bf16 in place: native blocks
+    assert calls == ["tcf_cpu_residual"] * 2
+    _assert_same_bits(hidden, want)

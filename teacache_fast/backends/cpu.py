@@ -6,9 +6,10 @@ see ``native/build.py``): each row is read once, normalized, modulated,
 rounded to the stored dtype and compared in vector blocks, where the torch
 backend needs a dozen passes and as many op dispatches; the decision is one
 call where the torch backend runs about 40 small ops (its bits are the torch
-backend's). The residual ops are one torch op already and are the torch
-backend's; the sync-free span end reads its flag on the host (CPU memory, no
-sync) and runs one of them.
+backend's). The residual ops are one torch op already; out of place and
+larger than the caches they run natively with streaming stores (no read of
+the lines they write); the sync-free span end reads its flag on the host (CPU
+memory, no sync) and runs one of them.
 
 Arguments arrive checked and shaped by teacache_fast.ops (contiguous (B, R, C)
 rows; scale/shift contiguous (B or 1, C)). Results agree with the torch
@@ -32,8 +33,41 @@ __all__ = ["modulate", "rel_l1_partials", "modulated_rel_l1_", "teacache_decide_
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _NORMS = {"layer": 0, "rms": 1, "none": 2}
 
-residual_capture_ = _reference.residual_capture_
-residual_apply_ = _reference.residual_apply_
+# Residual ops of at least this many bytes, with every tensor bf16 or every
+# one fp32, go native (tcf_cpu_residual): out of place with streaming stores
+# (at that size the tensors do not stay in the caches, and a normal store first
+# reads every line it writes: 4 tensors' traffic for 3 tensors' bytes), bf16 in
+# place in deinterleaved blocks. The rest (smaller, mixed or fp16 dtypes, fp32
+# in place, masked) is the torch backend's one op. Measured in the op benchmark
+# (benchmarks/results/cpu-*.md): flux-b2 bf16 capture 1.2x torch's sub, flux
+# bf16 in-place apply 1.3x torch's add_.
+_STREAM_MIN_BYTES = 16 << 20
+_STREAMED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _streamed(op: str, a: Tensor, b: Tensor, dst: Tensor, subtract: bool) -> bool:
+    """Run dst = a -/+ b natively when it pays off; False: the caller runs torch.
+    In place (dst is a) the stores are normal ones (the lines are in the cache
+    already), and only bf16 gains (its deinterleaved blocks; torch's fp32
+    add_ is as fast, measured)."""
+    if dst.dtype not in _STREAMED_DTYPES or not a.dtype == b.dtype == dst.dtype \
+            or dst.numel() * dst.element_size() < _STREAM_MIN_BYTES \
+            or (dst is a and dst.dtype == torch.float32):
+        return False
+    _run(op, "tcf_cpu_residual", a.data_ptr(), b.data_ptr(), dst.data_ptr(), _DTYPES[dst.dtype],
+         dst.numel(), int(subtract), int(dst is not a), torch.get_num_threads())
+    return True
+
+
+def residual_capture_(out: Tensor, inp: Tensor, residual: Tensor) -> None:
+    if not _streamed("residual_capture_", out, inp, residual, subtract=True):
+        _reference.residual_capture_(out, inp, residual)
+
+
+def residual_apply_(hidden: Tensor, residual: Tensor, mask: Optional[Tensor], out: Optional[Tensor] = None) -> None:
+    if mask is not None or not _streamed("residual_apply_", hidden, residual,
+                                         hidden if out is None else out, subtract=False):
+        _reference.residual_apply_(hidden, residual, mask, out)
 
 
 def finish_span_(compute: Tensor, out: Tensor, inp: Tensor, residual: Tensor) -> None:

@@ -88,6 +88,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tcf_cpu_modulated_rel_l1.argtypes = params + [p, i64, i64, i64, i, f32, i, p, i]
     lib.tcf_cpu_rel_l1_partials.argtypes = [p, p, i, i64, i64, i, p, i]
     lib.tcf_cpu_decide.argtypes = [p, p, i64, p, i, f32, i, p, i, i64, i, p]
+    lib.tcf_cpu_residual.argtypes = [p, p, p, i, i64, i, i, i]
     for fn in (lib.tcf_cpu_modulate, lib.tcf_cpu_modulated_rel_l1, lib.tcf_cpu_rel_l1_partials,
-               lib.tcf_cpu_decide):
+               lib.tcf_cpu_decide, lib.tcf_cpu_residual):
         fn.restype = i

@@ -20,6 +20,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __SSE2__
+#include <emmintrin.h>   /* _mm_stream_si128: every x86-64 has it, so every clone may use it */
+#endif
 
 /* Helpers are inlined into each entry point, and each entry point is compiled
  * three times (x86-64-v4 for its AVX-512 registers and masks, AVX2, and the
@@ -475,6 +478,78 @@ static void add_items(const double* sums, int64_t B, int64_t per_b, int per_samp
     if (!per_sample) { partials[0] = (float)tot[0]; partials[1] = (float)tot[1]; }
 }
 
+/* ------------------------------------------------------------------ residual
+ * dst = a + b or a - b elementwise, all three of one dtype (bf16 or fp32), fp32
+ * arithmetic rounded once to the dtype: what torch.add / torch.sub compute. In
+ * blocks of 16 (bf16 deinterleaved, see "blocks of 16"); with nt the
+ * 16-byte-aligned body is written with streaming stores: dst is not read into
+ * the cache first (a normal store reads each line before writing it), so an
+ * out-of-place op on tensors larger than the caches moves 3 tensors' bytes,
+ * not 4. */
+typedef struct { const void *a, *b; void* dst; int dt, subtract, nt; } Residual;
+
+HOT void stream32(void* p, v8u w) {   /* 32 bytes at a 16-byte-aligned p */
+#ifdef __SSE2__
+    __m128i lo, hi;
+    memcpy(&lo, &w, 16);
+    memcpy(&hi, (const char*)&w + 16, 16);
+    _mm_stream_si128((__m128i*)p, lo);
+    _mm_stream_si128((__m128i*)p + 1, hi);
+#else
+    memcpy(p, &w, sizeof w);
+#endif
+}
+
+HOT Block combine(Block a, Block b, int subtract) {
+    const Block v = {subtract ? a.lo - b.lo : a.lo + b.lo, subtract ? a.hi - b.hi : a.hi + b.hi};
+    return v;
+}
+
+HOT void stream_block(void* p, int dt, int64_t c, Block v) {
+    if (dt == DT_BF16) {
+        stream32((uint16_t*)p + c, bf16_rounded(v.hi) | (bf16_rounded(v.lo) >> 16));
+    } else {
+        stream32((float*)p + c, (v8u)v.lo);
+        stream32((float*)p + c + 8, (v8u)v.hi);
+    }
+}
+
+/* elements [i, i + n), n <= 16, through a zero-padded scratch block */
+HOT void residual_few(const Residual* r, int64_t i, int64_t n) {
+    const int sz = itemsize(r->dt);
+    _Alignas(32) unsigned char a[64] = {0}, b[64] = {0}, d[64];
+    memcpy(a, (const unsigned char*)r->a + i * sz, n * sz);
+    memcpy(b, (const unsigned char*)r->b + i * sz, n * sz);
+    store_block(d, r->dt, 0, combine(load_block(a, r->dt, 0), load_block(b, r->dt, 0), r->subtract));
+    memcpy((unsigned char*)r->dst + i * sz, d, n * sz);
+}
+
+ENTRY static int residual_range(const void* ctx, int64_t lo, int64_t hi) {
+    const Residual* r = (const Residual*)ctx;
+    const int sz = itemsize(r->dt);
+    int64_t i = lo;
+    if (r->nt) {   /* a head up to the first 16-byte-aligned element of dst */
+        const uintptr_t addr = (uintptr_t)((const unsigned char*)r->dst + lo * sz);
+        const int64_t head = addr % sz ? 0 : (int64_t)((16 - addr % 16) % 16) / sz;
+        const int64_t n = head < hi - lo ? head : hi - lo;
+        if (n) residual_few(r, lo, n);
+        i = lo + n;
+    }
+    const int stream = r->nt && ((uintptr_t)((const unsigned char*)r->dst + i * sz) % 16) == 0;
+#define RESIDUAL_BLOCKS(DT) \
+    for (; i + 16 <= hi; i += 16) { \
+        const Block v = combine(load_block(r->a, DT, i), load_block(r->b, DT, i), r->subtract); \
+        if (stream) stream_block(r->dst, DT, i, v); \
+        else store_block(r->dst, DT, i, v); \
+    }
+    if (r->dt == DT_BF16) { RESIDUAL_BLOCKS(DT_BF16) } else { RESIDUAL_BLOCKS(DT_F32) }
+    if (i < hi) residual_few(r, i, hi - i);
+#ifdef __SSE2__
+    if (stream) _mm_sfence();   /* the streamed lines are written before the call returns */
+#endif
+    return 0;
+}
+
 /* ------------------------------------------------------------------ entry points
  * Each returns 0, or 1 when a scratch buffer could not be allocated. */
 
@@ -545,4 +620,12 @@ int tcf_cpu_decide(const float* partials, float* state, int64_t S, const float* 
         compute_out[i] = (unsigned char)compute;
     }
     return 0;
+}
+
+/* dst = a - b (subtract) or a + b over n elements of dtype dt (bf16 or fp32),
+ * see "residual" above */
+int tcf_cpu_residual(const void* a, const void* b, void* dst, int dt, int64_t n, int subtract, int nt,
+                     int threads) {
+    const Residual r = {a, b, dst, dt, subtract, nt};
+    return run_ranges(residual_range, &r, n, threads, n);
 }
