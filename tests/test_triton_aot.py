@@ -103,3 +103,27 @@ def test_modulated_rel_l1_loads_x_once_per_row(aot_run):
     loop = ptx.split("Loop Header", 1)[1].split("%._crit_edge", 1)[0]
     loads = re.findall(r"ld\.global\S*", loop)
     assert len(loads) == 4, loads   # x a, prev a, x b, prev b
+
+
+ATOMIC = re.compile(r"@(%p\d+) atom\.global\.gpu\.acq_rel\.add\.u32")
+STORE = re.compile(r"@(%p\d+) st\.global\.b32")
+
+
+@pytest.mark.parametrize("kernel,labels", [("_rel_l1_partials_kernel", ("x=bf16", "C=3072", "per_sample=0")),
+                                           ("_modulated_rel_l1_kernel", ("x=bf16", "C=3072"))])
+def test_fused_finish_publishes_the_pair_before_the_ticket(aot_run, kernel, labels):
+    # One launch per reduction rests on memory order: the thread that stores a
+    # program's pair takes the ticket (one acq_rel atomic at gpu scope, under the
+    # same predicate, after both stores), so the last program's loads see every
+    # pair; the ticket's reset is a store by that thread after the sums.
+    proc, ptx_dir = aot_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    ptx = _ptx_for(ptx_dir, kernel, *labels)
+    atomics = ATOMIC.findall(ptx)
+    assert len(atomics) == 1, atomics
+    before, after = ptx.split(ATOMIC.search(ptx).group(0), 1)
+    pair = STORE.findall(before)[-2:]
+    assert pair == [atomics[0]] * 2, pair          # the pair, by the atomic's thread
+    assert "bar.sync" in after.split("ld.global", 1)[0]  # the result broadcast before any finish load
+    assert re.search(r"ld\.global\.cg", after)     # the pairs read from L2
+    assert STORE.findall(after)[-1] == atomics[0]  # the ticket reset
